@@ -1,0 +1,134 @@
+//! Application state, the router with its middleware stack, and the serve loop.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{DefaultBodyLimit, Request},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    Router,
+};
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::{
+    auth::Authenticator,
+    error::ApiError,
+    metrics::Metrics,
+    rate_limit::ConsumeLimiter,
+    routes,
+    store::{Budget, KeyPackageStore},
+};
+
+/// Limits and budgets the request path enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The per-target consumption budget.
+    pub budget: Budget,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Longest a request may take, body upload included.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            budget: Budget::per_minute(10),
+            max_body_bytes: 262_144,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Where key packages live.
+    pub store: Arc<dyn KeyPackageStore>,
+    /// Bearer-token verification.
+    pub auth: Arc<Authenticator>,
+    /// Prometheus metrics of this instance.
+    pub metrics: Arc<Metrics>,
+    /// The process-local consumption limiter.
+    pub limiter: Arc<ConsumeLimiter>,
+    /// Limits in force.
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// Assembles the state; the limiter follows `limits.budget`.
+    pub fn new(store: Arc<dyn KeyPackageStore>, auth: Authenticator, limits: Limits) -> Self {
+        Self {
+            store,
+            auth: Arc::new(auth),
+            metrics: Arc::new(Metrics::default()),
+            limiter: Arc::new(ConsumeLimiter::new(limits.budget)),
+            limits,
+        }
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    routes::routes(state.clone())
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.limits.request_timeout,
+            request_timeout,
+        ))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+}
+
+/// One span per request, named by method and route template: never the query, a token or a body.
+fn request_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    tracing::info_span!("request", method = %req.method(), route = %route)
+}
+
+/// Cuts requests, slow bodies included, that take longer than the configured timeout.
+async fn request_timeout(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let pruning = state.limiter.spawn_pruning(Duration::from_secs(30));
+    let budgets = spawn_budget_pruning(state.store.clone());
+    let app = router(state);
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    pruning.abort();
+    budgets.abort();
+    result
+}
+
+/// Drops fully refilled consumption budgets from the database once a minute.
+fn spawn_budget_pruning(store: Arc<dyn KeyPackageStore>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = store.prune_budgets(crate::clock::unix_millis()).await {
+                tracing::warn!(error = %e, "pruning consumption budgets failed");
+            }
+        }
+    })
+}

@@ -1,0 +1,21 @@
+//! keypackage-server stores MLS (RFC 9420) key packages and hands them out, one per request,
+//! so that users can be added to groups while offline.
+//!
+//! - [`key_package`]: domain types parsed at the edge (`UserId`, `Fingerprint`, `KeyPackage`).
+//! - [`wire`]: the protobuf messages and protobuf/JSON negotiation.
+//! - [`store`]: the storage trait with SQLite and Postgres backends and their conformance suite.
+//! - [`auth`], [`rate_limit`]: bearer tokens and the per-target consumption limiter.
+//! - [`app`], [`routes`], [`error`], [`metrics`]: the HTTP application.
+//! - [`config`]: settings from flags and environment.
+
+pub mod app;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod key_package;
+pub mod metrics;
+pub mod rate_limit;
+pub mod routes;
+pub mod store;
+pub mod wire;

@@ -1,0 +1,109 @@
+//! `/api/v1/key-packages`: upload, status, delete, and consumption of another user's package.
+
+use axum::{extract::State, http::StatusCode};
+
+use super::UserPath;
+use crate::{
+    app::AppState,
+    auth::AuthUser,
+    clock,
+    error::ApiError,
+    key_package::{Fingerprint, Upload},
+    store::{ConsumeOutcome, Status},
+    wire::{KeyPackageResponse, KeyPackageStatus, Negotiated, Reply, UploadKeyPackagesRequest, Wire},
+};
+
+/// `POST /api/v1/key-packages`: validates the whole request, then stores it atomically.
+pub async fn upload_key_packages(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Negotiated(format): Negotiated,
+    Wire(request): Wire<UploadKeyPackagesRequest>,
+) -> Result<(StatusCode, Reply<KeyPackageStatus>), ApiError> {
+    let entries = request
+        .entries
+        .into_iter()
+        .map(|e| (e.key_package_data, e.is_last_resort));
+    let upload = Upload::parse(entries, &request.signing_key_fingerprint)?;
+    let outcome = state.store.upload(&user, &upload, clock::unix_seconds()).await?;
+    state.metrics.uploaded.inc_by(u64::from(outcome.stored));
+    tracing::info!(
+        user = %user,
+        stored = outcome.stored,
+        regular_count = outcome.status.regular_count,
+        "key packages uploaded"
+    );
+    Ok((StatusCode::CREATED, Reply(format, status_message(outcome.status))))
+}
+
+/// `GET /api/v1/key-packages`: the caller's own inventory.
+pub async fn key_package_status(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Negotiated(format): Negotiated,
+) -> Result<Reply<KeyPackageStatus>, ApiError> {
+    let status = state.store.status(&user).await?;
+    Ok(Reply(format, status_message(status)))
+}
+
+/// `DELETE /api/v1/key-packages`: drops all of the caller's packages, keeps the fingerprint.
+pub async fn delete_key_packages(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<StatusCode, ApiError> {
+    state.store.delete_all(&user).await?;
+    tracing::info!(user = %user, "key packages deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/v1/key-packages/{user_id}`: hands out the target's oldest regular package, or its
+/// last-resort one, charging the target's consumption budget.
+pub async fn consume_key_package(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    Negotiated(format): Negotiated,
+    UserPath(target): UserPath,
+) -> Result<Reply<KeyPackageResponse>, ApiError> {
+    let outcome = state
+        .store
+        .consume(&target, state.limits.budget, clock::unix_millis())
+        .await?;
+    match outcome {
+        ConsumeOutcome::Consumed(package) => {
+            if package.is_last_resort {
+                state.metrics.last_resort_handouts.inc();
+            } else {
+                state.metrics.consumed.inc();
+            }
+            tracing::info!(
+                caller = %caller,
+                target = %target,
+                last_resort = package.is_last_resort,
+                "key package handed out"
+            );
+            Ok(Reply(
+                format,
+                KeyPackageResponse {
+                    key_package_data: package.key_package,
+                    is_last_resort: package.is_last_resort,
+                    signing_key_fingerprint: fingerprint_text(package.fingerprint),
+                },
+            ))
+        }
+        ConsumeOutcome::Empty => Err(ApiError::NoKeyPackage),
+        ConsumeOutcome::RateLimited { retry_after } => Err(ApiError::RateLimited { retry_after }),
+    }
+}
+
+fn status_message(status: Status) -> KeyPackageStatus {
+    KeyPackageStatus {
+        regular_count: status.regular_count,
+        has_last_resort: status.has_last_resort,
+        signing_key_fingerprint: fingerprint_text(status.fingerprint),
+        last_resort_handouts: status.last_resort_handouts,
+    }
+}
+
+fn fingerprint_text(fingerprint: Option<Fingerprint>) -> String {
+    fingerprint.map(|f| f.as_str().to_owned()).unwrap_or_default()
+}

@@ -1,0 +1,1 @@
+//! Backend-agnostic cases every store must pass.
