@@ -63,8 +63,15 @@ impl Format {
         }
     }
 
-    fn decode<T: Message + DeserializeOwned + Default>(self, body: Bytes) -> Result<T, ApiError> {
-        let name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("request");
+    /// Decodes a request body of this encoding into `T`; any failure is `malformed_body`.
+    pub fn decode<T: Message + DeserializeOwned + Default>(
+        self,
+        body: Bytes,
+    ) -> Result<T, ApiError> {
+        let name = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("request");
         match self {
             Self::Protobuf => T::decode(body).map_err(|_| ApiError::MalformedBody(name)),
             Self::Json => serde_json::from_slice(&body).map_err(|_| ApiError::MalformedBody(name)),
@@ -80,7 +87,11 @@ fn accept_quality(header: &str, types: &[&str]) -> u16 {
         let mut parts = range.split(';');
         let media = parts.next().unwrap_or("").trim();
         let quality = parts
-            .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+            .filter_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .or_else(|| p.trim().strip_prefix("Q="))
+            })
             .next()
             .and_then(|q| q.trim().parse::<f32>().ok())
             .map_or(1000, |q| (q.clamp(0.0, 1.0) * 1000.0) as u16);
@@ -160,9 +171,11 @@ impl<T: Message + Serialize> IntoResponse for Reply<T> {
             )
                 .into_response(),
             Format::Json => match serde_json::to_vec(&message) {
-                Ok(body) => {
-                    ([(header::CONTENT_TYPE, HeaderValue::from_static(JSON))], body).into_response()
-                }
+                Ok(body) => (
+                    [(header::CONTENT_TYPE, HeaderValue::from_static(JSON))],
+                    body,
+                )
+                    .into_response(),
                 Err(e) => {
                     tracing::error!(error = %e, "response did not serialize");
                     ApiError::Internal.into_response()
@@ -179,9 +192,18 @@ mod tests {
     #[test]
     fn content_type_accepts_both_protobuf_names_json_and_parameters() {
         use Format::*;
-        assert_eq!(Format::from_content_type("application/x-protobuf"), Some(Protobuf));
-        assert_eq!(Format::from_content_type("application/protobuf"), Some(Protobuf));
-        assert_eq!(Format::from_content_type("Application/JSON; charset=utf-8"), Some(Json));
+        assert_eq!(
+            Format::from_content_type("application/x-protobuf"),
+            Some(Protobuf)
+        );
+        assert_eq!(
+            Format::from_content_type("application/protobuf"),
+            Some(Protobuf)
+        );
+        assert_eq!(
+            Format::from_content_type("Application/JSON; charset=utf-8"),
+            Some(Json)
+        );
         assert_eq!(Format::from_content_type("text/plain"), None);
         assert_eq!(Format::from_content_type("application/jsonx"), None);
         assert_eq!(Format::from_content_type(""), None);
@@ -193,7 +215,10 @@ mod tests {
         assert_eq!(Format::from_accept(None), Protobuf);
         assert_eq!(Format::from_accept(Some("*/*")), Protobuf);
         assert_eq!(Format::from_accept(Some("application/json")), Json);
-        assert_eq!(Format::from_accept(Some("application/json, */*;q=0.1")), Json);
+        assert_eq!(
+            Format::from_accept(Some("application/json, */*;q=0.1")),
+            Json
+        );
         assert_eq!(
             Format::from_accept(Some("application/x-protobuf;q=0.5, application/json")),
             Json
