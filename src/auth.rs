@@ -73,7 +73,9 @@ impl VerifyingKey {
             (DecodingKey::from_rsa_pem, Algorithm::RS256),
         ];
         candidates.into_iter().find_map(|(parse, algorithm)| {
-            parse(pem).ok().map(|key| Self::PublicKey { key, algorithm })
+            parse(pem)
+                .ok()
+                .map(|key| Self::PublicKey { key, algorithm })
         })
     }
 
@@ -158,7 +160,9 @@ impl Authenticator {
     /// Signs a token for `user` valid for `ttl_secs`; only possible with a shared secret.
     pub fn issue(&self, user: &UserId, ttl_secs: u64) -> Result<String, String> {
         let VerifyingKey::Secret(secret) = &self.key else {
-            return Err("the token subcommand needs KPS_JWT_SECRET (a public key cannot sign)".into());
+            return Err(
+                "the token subcommand needs KPS_JWT_SECRET (a public key cannot sign)".into(),
+            );
         };
         let now = unix_now();
         let claims = Claims {
@@ -168,8 +172,12 @@ impl Authenticator {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
-            .map_err(|e| e.to_string())
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -223,7 +231,11 @@ mod tests {
     use super::*;
 
     fn secret_auth() -> Authenticator {
-        Authenticator::new(VerifyingKey::Secret(b"0123456789abcdef0123456789abcdef".to_vec()), None, None)
+        Authenticator::new(
+            VerifyingKey::Secret(b"0123456789abcdef0123456789abcdef".to_vec()),
+            None,
+            None,
+        )
     }
 
     #[test]
@@ -236,7 +248,8 @@ mod tests {
 
     #[test]
     fn tokens_from_another_secret_are_refused() {
-        let other = Authenticator::new(VerifyingKey::Secret(b"another secret".to_vec()), None, None);
+        let other =
+            Authenticator::new(VerifyingKey::Secret(b"another secret".to_vec()), None, None);
         let token = other.issue(&UserId::parse("alice").unwrap(), 60).unwrap();
         assert!(secret_auth().verify(&token).is_err());
     }

@@ -48,7 +48,12 @@ pub enum Command {
 #[derive(Clone, Debug, Args)]
 pub struct Config {
     /// Address to bind.
-    #[arg(long, env = "KPS_LISTEN_ADDR", default_value = "127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "KPS_LISTEN_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
     pub listen_addr: String,
     /// `sqlite://…` (embedded) or `postgres://…`; default: an SQLite file under the data dir.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
@@ -137,11 +142,20 @@ impl Config {
                 "must start with sqlite: or postgres://",
             ));
         }
-        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
             let path = path.split('?').next().unwrap_or("");
-            if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Some(parent) = Path::new(path)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+            {
                 std::fs::create_dir_all(parent).map_err(|e| {
-                    config_error("DATABASE_URL", format!("cannot create {}: {e}", parent.display()))
+                    config_error(
+                        "DATABASE_URL",
+                        format!("cannot create {}: {e}", parent.display()),
+                    )
                 })?;
             }
         }
@@ -233,7 +247,10 @@ fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
 
 #[cfg(not(unix))]
 fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().write(true).create_new(true).open(path)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 /// A clap error as one line naming the environment variable behind the offending flag.
@@ -244,12 +261,19 @@ pub fn describe_clap_error(error: &clap::Error) -> String {
     let env = arg.as_deref().and_then(|arg| {
         command
             .get_arguments()
-            .find(|a| a.get_long().is_some_and(|l| arg.starts_with(&format!("--{l}"))))
+            .find(|a| {
+                a.get_long()
+                    .is_some_and(|l| arg.starts_with(&format!("--{l}")))
+            })
             .and_then(|a| a.get_env())
             .map(|e| e.to_string_lossy().into_owned())
     });
     let text = error.to_string();
-    let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
     match env {
         Some(env) => format!("{env}: {first}"),
         None => first.to_owned(),
@@ -271,11 +295,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kps-config-{}", rand::random::<u64>()));
         let c = config(&["--data-dir", dir.to_str().unwrap()]);
         let first = c.dev_secret().unwrap();
-        assert_eq!(c.dev_secret().unwrap(), first, "the same secret on the next start");
+        assert_eq!(
+            c.dev_secret().unwrap(),
+            first,
+            "the same secret on the next start"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.join(DEV_SECRET_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.join(DEV_SECRET_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(dir).unwrap();

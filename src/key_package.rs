@@ -294,8 +294,7 @@ mod tests {
             InvalidUpload::MultipleLastResort
         );
         assert_eq!(
-            Upload::parse([(kp(b"a"), false), (Bytes::from_static(b"xx"), false)], "")
-                .unwrap_err(),
+            Upload::parse([(kp(b"a"), false), (Bytes::from_static(b"xx"), false)], "").unwrap_err(),
             InvalidUpload::KeyPackage {
                 index: 1,
                 reason: InvalidKeyPackage::Length(2)
@@ -322,7 +321,10 @@ mod tests {
         .unwrap();
         let regular: Vec<_> = up.regular.iter().map(|p| p.bytes().clone()).collect();
         assert_eq!(regular, vec![kp(b"a"), kp(b"b"), kp(b"c")]);
-        assert!(up.last_resort.is_none(), "the last-resort entry repeated entry 1");
+        assert!(
+            up.last_resort.is_none(),
+            "the last-resort entry repeated entry 1"
+        );
         assert!(up.fingerprint.is_none());
     }
 }

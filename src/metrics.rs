@@ -62,14 +62,22 @@ impl Default for Metrics {
         let consumed = Counter::default();
         let last_resort_handouts = Counter::default();
         let rate_limited = Counter::default();
-        registry.register("http_requests", "HTTP requests by route and status", requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
         registry.register_with_unit(
             "http_request_duration",
             "HTTP request latency by route",
             prometheus_client::registry::Unit::Seconds,
             latency.clone(),
         );
-        registry.register("key_packages_uploaded", "Key packages stored", uploaded.clone());
+        registry.register(
+            "key_packages_uploaded",
+            "Key packages stored",
+            uploaded.clone(),
+        );
         registry.register(
             "key_packages_consumed",
             "Regular key packages handed out",
@@ -109,7 +117,11 @@ impl Metrics {
 }
 
 /// Middleware counting every routed request and its latency under its route template.
-pub async fn track(State(state): State<crate::app::AppState>, req: Request, next: Next) -> Response {
+pub async fn track(
+    State(state): State<crate::app::AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
     let route = req
@@ -132,7 +144,11 @@ pub async fn track(State(state): State<crate::app::AppState>, req: Request, next
         .observe(started.elapsed().as_secs_f64());
     metrics
         .requests
-        .get_or_create(&RequestLabels { method, route, status })
+        .get_or_create(&RequestLabels {
+            method,
+            route,
+            status,
+        })
         .inc();
     response
 }

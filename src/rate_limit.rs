@@ -44,7 +44,9 @@ impl KeyExtractor for TargetUser {
 
 /// The user id a raw path segment names, percent-decoded as the router decodes it.
 pub fn target_user(segment: &str) -> Option<UserId> {
-    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8().ok()?;
+    let decoded = percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()?;
     UserId::parse(&decoded).ok()
 }
 
@@ -142,7 +144,10 @@ mod tests {
         }
         assert!(limiter.limiter().check_key(&bob).is_err());
         let carol = UserId::parse("carol").unwrap();
-        assert!(limiter.limiter().check_key(&carol).is_ok(), "budgets are per target");
+        assert!(
+            limiter.limiter().check_key(&carol).is_ok(),
+            "budgets are per target"
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@ use crate::{
     error::ApiError,
     key_package::{Fingerprint, Upload},
     store::{ConsumeOutcome, Status},
-    wire::{KeyPackageResponse, KeyPackageStatus, Negotiated, Reply, UploadKeyPackagesRequest, Wire},
+    wire::{
+        KeyPackageResponse, KeyPackageStatus, Negotiated, Reply, UploadKeyPackagesRequest, Wire,
+    },
 };
 
 /// `POST /api/v1/key-packages`: validates the whole request, then stores it atomically.
@@ -25,7 +27,10 @@ pub async fn upload_key_packages(
         .into_iter()
         .map(|e| (e.key_package_data, e.is_last_resort));
     let upload = Upload::parse(entries, &request.signing_key_fingerprint)?;
-    let outcome = state.store.upload(&user, &upload, clock::unix_seconds()).await?;
+    let outcome = state
+        .store
+        .upload(&user, &upload, clock::unix_seconds())
+        .await?;
     state.metrics.uploaded.inc_by(u64::from(outcome.stored));
     tracing::info!(
         user = %user,
@@ -33,7 +38,10 @@ pub async fn upload_key_packages(
         regular_count = outcome.status.regular_count,
         "key packages uploaded"
     );
-    Ok((StatusCode::CREATED, Reply(format, status_message(outcome.status))))
+    Ok((
+        StatusCode::CREATED,
+        Reply(format, status_message(outcome.status)),
+    ))
 }
 
 /// `GET /api/v1/key-packages`: the caller's own inventory.
@@ -105,5 +113,7 @@ fn status_message(status: Status) -> KeyPackageStatus {
 }
 
 fn fingerprint_text(fingerprint: Option<Fingerprint>) -> String {
-    fingerprint.map(|f| f.as_str().to_owned()).unwrap_or_default()
+    fingerprint
+        .map(|f| f.as_str().to_owned())
+        .unwrap_or_default()
 }

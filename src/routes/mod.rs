@@ -27,7 +27,10 @@ pub fn routes(state: AppState) -> Router {
             "/api/v1/key-packages/{user_id}",
             get(key_packages::consume_key_package).layer(state.limiter.layer()),
         )
-        .route("/api/v1/users/{user_id}/fingerprint", get(users::get_fingerprint))
+        .route(
+            "/api/v1/users/{user_id}/fingerprint",
+            get(users::get_fingerprint),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
         .route("/healthz", get(health::healthz))

@@ -1,1 +1,670 @@
-//! Backend-agnostic cases every store must pass.
+//! Backend-agnostic cases every [`KeyPackageStore`] must pass: the store rules of the contract.
+//!
+//! Each case expects a fresh, empty store and panics on the first broken rule. [`CASES`] lists
+//! them all so a backend's tests can run every one (see `tests/api/store.rs`).
+
+use std::{future::Future, pin::Pin, time::Duration};
+
+use bytes::Bytes;
+
+use super::{Budget, ConsumeOutcome, Consumed, KeyPackageStore, Status};
+use crate::key_package::{Fingerprint, Upload, UserId, MAX_REGULAR_PACKAGES};
+
+/// One conformance case, boxed so that all of them fit in one list.
+pub type Case =
+    for<'a> fn(&'a dyn KeyPackageStore) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        /// Every case with its name, for test code that runs them all.
+        pub const CASES: &[(&str, Case)] =
+            &[$((stringify!($name), |store| Box::pin($name(store)))),*];
+    };
+}
+
+cases!(
+    status_of_an_unknown_user_is_zeros,
+    regular_packages_are_handed_out_oldest_first,
+    one_upload_of_fifteen_keeps_the_newest_ten,
+    successive_uploads_keep_the_newest_ten,
+    last_resort_is_handed_out_when_no_regular_is_left_and_never_removed,
+    last_resort_handouts_count_only_last_resort_hand_outs,
+    replacing_the_last_resort_resets_its_handouts,
+    entry_identical_to_a_held_regular_package_is_skipped,
+    entry_identical_to_the_held_last_resort_is_skipped,
+    last_resort_entry_identical_to_a_held_regular_package_is_skipped,
+    retried_upload_changes_nothing,
+    fingerprint_is_recorded_with_each_package,
+    fingerprint_updated_at_changes_only_with_the_value,
+    delete_all_removes_every_package_and_keeps_the_fingerprint,
+    users_are_isolated,
+    budget_allows_a_burst_then_rate_limits_until_refilled,
+    rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget,
+    budgets_are_per_target,
+    prune_budgets_removes_only_refilled_state,
+);
+
+/// A fixed "now" for the budget, in ms since the epoch; cases advance it explicitly.
+const NOW_MS: i64 = 1_700_000_000_000;
+
+/// A fixed "now" for uploads, in Unix seconds.
+const NOW_UNIX: i64 = 1_700_000_000;
+
+/// A budget no case exhausts unless it means to.
+const PLENTY: Budget = Budget {
+    burst: 1_000_000,
+    interval: Duration::from_millis(1),
+};
+
+/// Key-package bytes: the MLS header and a tag that tells packages apart.
+fn package(tag: &str) -> Bytes {
+    let mut bytes = vec![0x00, 0x01, 0x00, 0x05];
+    bytes.extend_from_slice(tag.as_bytes());
+    bytes.into()
+}
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("valid user id")
+}
+
+fn fingerprint(digit: char) -> Fingerprint {
+    Fingerprint::parse(&digit.to_string().repeat(64)).expect("valid fingerprint")
+}
+
+/// An upload of regular packages tagged `regular` and, optionally, a last-resort package.
+fn upload(
+    regular: &[&str],
+    last_resort: Option<&str>,
+    fingerprint: Option<&Fingerprint>,
+) -> Upload {
+    let entries = regular
+        .iter()
+        .map(|tag| (package(tag), false))
+        .chain(last_resort.map(|tag| (package(tag), true)));
+    Upload::parse(entries, fingerprint.map_or("", Fingerprint::as_str)).expect("valid upload")
+}
+
+/// Tags `prefix0`, `prefix1`, … for `range`.
+fn tags(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn strs(tags: &[String]) -> Vec<&str> {
+    tags.iter().map(String::as_str).collect()
+}
+
+async fn put(store: &dyn KeyPackageStore, who: &str, upload: &Upload) -> super::UploadOutcome {
+    store
+        .upload(&user(who), upload, NOW_UNIX)
+        .await
+        .expect("upload")
+}
+
+async fn status(store: &dyn KeyPackageStore, who: &str) -> Status {
+    store.status(&user(who)).await.expect("status")
+}
+
+async fn consume(store: &dyn KeyPackageStore, who: &str) -> ConsumeOutcome {
+    consume_with(store, who, PLENTY, NOW_MS).await
+}
+
+async fn consume_with(
+    store: &dyn KeyPackageStore,
+    who: &str,
+    budget: Budget,
+    now_ms: i64,
+) -> ConsumeOutcome {
+    store
+        .consume(&user(who), budget, now_ms)
+        .await
+        .expect("consume")
+}
+
+fn is_rate_limited(outcome: &ConsumeOutcome) -> bool {
+    matches!(outcome, ConsumeOutcome::RateLimited { .. })
+}
+
+/// Consumes one package, which must be handed out.
+async fn take(store: &dyn KeyPackageStore, who: &str) -> Consumed {
+    match consume(store, who).await {
+        ConsumeOutcome::Consumed(c) => c,
+        other => panic!("expected a package for {who}, got {other:?}"),
+    }
+}
+
+/// Consumes `expected.len()` packages, which must be the regular packages tagged `expected`,
+/// in that order.
+async fn take_regular(store: &dyn KeyPackageStore, who: &str, expected: &[&str]) {
+    for tag in expected {
+        let got = take(store, who).await;
+        assert!(
+            !got.is_last_resort,
+            "expected regular {tag:?}, got the last-resort package"
+        );
+        assert_eq!(got.key_package, package(tag), "expected regular {tag:?}");
+    }
+}
+
+/// Consumes one package, which must be the last-resort package tagged `tag`.
+async fn take_last_resort(store: &dyn KeyPackageStore, who: &str, tag: &str) {
+    take_last_resort_with(store, who, PLENTY, NOW_MS, tag).await;
+}
+
+async fn take_last_resort_with(
+    store: &dyn KeyPackageStore,
+    who: &str,
+    budget: Budget,
+    now_ms: i64,
+    tag: &str,
+) {
+    match consume_with(store, who, budget, now_ms).await {
+        ConsumeOutcome::Consumed(got) => {
+            assert!(
+                got.is_last_resort,
+                "expected the last-resort package, got a regular one"
+            );
+            assert_eq!(
+                got.key_package,
+                package(tag),
+                "expected last-resort {tag:?}"
+            );
+        }
+        other => panic!("expected last-resort {tag:?} for {who}, got {other:?}"),
+    }
+}
+
+async fn assert_empty(store: &dyn KeyPackageStore, who: &str) {
+    assert_eq!(
+        consume(store, who).await,
+        ConsumeOutcome::Empty,
+        "{who} should hold nothing"
+    );
+}
+
+/// A user who never uploaded has zero counts, no fingerprint, and nothing to hand out.
+pub async fn status_of_an_unknown_user_is_zeros(store: &dyn KeyPackageStore) {
+    assert_eq!(status(store, "nobody").await, Status::default());
+    assert_eq!(
+        store
+            .fingerprint(&user("nobody"))
+            .await
+            .expect("fingerprint"),
+        None
+    );
+    assert_empty(store, "nobody").await;
+    store
+        .delete_all(&user("nobody"))
+        .await
+        .expect("delete_all of nobody");
+    assert_eq!(status(store, "nobody").await, Status::default());
+}
+
+/// Regular packages come out oldest first: request order within an upload, upload order
+/// across uploads; each is removed as it is handed out.
+pub async fn regular_packages_are_handed_out_oldest_first(store: &dyn KeyPackageStore) {
+    put(store, "bob", &upload(&["a", "b", "c"], None, None)).await;
+    put(store, "bob", &upload(&["d", "e"], None, None)).await;
+    assert_eq!(status(store, "bob").await.regular_count, 5);
+    take_regular(store, "bob", &["a", "b"]).await;
+    assert_eq!(status(store, "bob").await.regular_count, 3);
+    take_regular(store, "bob", &["c", "d", "e"]).await;
+    assert_empty(store, "bob").await;
+}
+
+/// One upload of 15 regular entries keeps its 10 newest (the last 10 of the request); the
+/// last-resort package does not count towards the cap.
+pub async fn one_upload_of_fifteen_keeps_the_newest_ten(store: &dyn KeyPackageStore) {
+    let all = tags("p", 0..15);
+    let outcome = put(store, "bob", &upload(&strs(&all), Some("lr"), None)).await;
+    assert_eq!(outcome.status.regular_count, MAX_REGULAR_PACKAGES as u32);
+    assert!(outcome.status.has_last_resort);
+    assert_eq!(status(store, "bob").await, outcome.status);
+    take_regular(store, "bob", &strs(&all[5..])).await;
+    take_last_resort(store, "bob", "lr").await;
+}
+
+/// Successive uploads append and then drop the oldest packages until 10 remain.
+pub async fn successive_uploads_keep_the_newest_ten(store: &dyn KeyPackageStore) {
+    let all = tags("p", 0..16);
+    put(store, "bob", &upload(&strs(&all[0..6]), None, None)).await;
+    let outcome = put(store, "bob", &upload(&strs(&all[6..12]), None, None)).await;
+    assert_eq!(outcome.status.regular_count, 10, "p0 and p1 dropped");
+    take_regular(store, "bob", &strs(&all[2..4])).await;
+    assert_eq!(status(store, "bob").await.regular_count, 8);
+    let outcome = put(store, "bob", &upload(&strs(&all[12..16]), None, None)).await;
+    assert_eq!(outcome.status.regular_count, 10, "p4 and p5 dropped");
+    take_regular(store, "bob", &strs(&all[6..16])).await;
+    assert_empty(store, "bob").await;
+}
+
+/// With no regular package left the last-resort package is handed out, flagged as such, as
+/// often as asked, and stays stored.
+pub async fn last_resort_is_handed_out_when_no_regular_is_left_and_never_removed(
+    store: &dyn KeyPackageStore,
+) {
+    put(store, "bob", &upload(&["r1"], Some("lr"), None)).await;
+    take_regular(store, "bob", &["r1"]).await;
+    for _ in 0..3 {
+        take_last_resort(store, "bob", "lr").await;
+    }
+    let after = status(store, "bob").await;
+    assert_eq!(after.regular_count, 0);
+    assert!(
+        after.has_last_resort,
+        "the last-resort package is never removed by consumption"
+    );
+
+    // New regular packages take precedence again.
+    put(store, "bob", &upload(&["r2"], None, None)).await;
+    take_regular(store, "bob", &["r2"]).await;
+    take_last_resort(store, "bob", "lr").await;
+}
+
+/// `last_resort_handouts` counts hand-outs of the last-resort package only.
+pub async fn last_resort_handouts_count_only_last_resort_hand_outs(store: &dyn KeyPackageStore) {
+    put(store, "bob", &upload(&["r1", "r2"], Some("lr"), None)).await;
+    assert_eq!(status(store, "bob").await.last_resort_handouts, 0);
+    take_regular(store, "bob", &["r1", "r2"]).await;
+    assert_eq!(status(store, "bob").await.last_resort_handouts, 0);
+    for expected in 1..=3 {
+        take_last_resort(store, "bob", "lr").await;
+        assert_eq!(status(store, "bob").await.last_resort_handouts, expected);
+    }
+    // An upload of regular packages alone keeps the count: the last-resort package is the same.
+    put(store, "bob", &upload(&["r3"], None, None)).await;
+    assert_eq!(status(store, "bob").await.last_resort_handouts, 3);
+}
+
+/// A new last-resort package replaces the held one and starts its hand-out count at 0.
+pub async fn replacing_the_last_resort_resets_its_handouts(store: &dyn KeyPackageStore) {
+    put(store, "bob", &upload(&[], Some("lr1"), None)).await;
+    take_last_resort(store, "bob", "lr1").await;
+    take_last_resort(store, "bob", "lr1").await;
+    assert_eq!(status(store, "bob").await.last_resort_handouts, 2);
+
+    let outcome = put(store, "bob", &upload(&[], Some("lr2"), None)).await;
+    assert_eq!(outcome.stored, 1);
+    assert_eq!(outcome.status.last_resort_handouts, 0);
+    assert!(outcome.status.has_last_resort);
+    take_last_resort(store, "bob", "lr2").await;
+    assert_eq!(status(store, "bob").await.last_resort_handouts, 1);
+}
+
+/// A regular entry byte-identical to a held regular package (or to an earlier entry of the
+/// same request) is skipped: it is neither stored twice nor moved to the back of the queue.
+pub async fn entry_identical_to_a_held_regular_package_is_skipped(store: &dyn KeyPackageStore) {
+    let first = put(store, "bob", &upload(&["a", "b", "a"], None, None)).await;
+    assert_eq!(first.stored, 2);
+    assert_eq!(first.status.regular_count, 2);
+    let second = put(store, "bob", &upload(&["b", "c", "a"], None, None)).await;
+    assert_eq!(second.stored, 1, "only c is new");
+    assert_eq!(second.status.regular_count, 3);
+    take_regular(store, "bob", &["a", "b", "c"]).await;
+    assert_empty(store, "bob").await;
+}
+
+/// An entry byte-identical to the held last-resort package is skipped, whether it comes as a
+/// last-resort entry (the hand-out count is kept) or as a regular one (it is not stored).
+pub async fn entry_identical_to_the_held_last_resort_is_skipped(store: &dyn KeyPackageStore) {
+    put(store, "bob", &upload(&[], Some("lr"), None)).await;
+    take_last_resort(store, "bob", "lr").await;
+
+    let again = put(store, "bob", &upload(&[], Some("lr"), None)).await;
+    assert_eq!(again.stored, 0);
+    assert_eq!(
+        again.status.last_resort_handouts, 1,
+        "re-sending it is not a replacement"
+    );
+
+    let as_regular = put(store, "bob", &upload(&["lr", "r1"], None, None)).await;
+    assert_eq!(as_regular.stored, 1, "only r1 is new");
+    assert_eq!(as_regular.status.regular_count, 1);
+    take_regular(store, "bob", &["r1"]).await;
+    take_last_resort(store, "bob", "lr").await;
+}
+
+/// A last-resort entry byte-identical to a held regular package is skipped: the regular one
+/// stays, and no last-resort package appears.
+pub async fn last_resort_entry_identical_to_a_held_regular_package_is_skipped(
+    store: &dyn KeyPackageStore,
+) {
+    put(store, "bob", &upload(&["a"], None, None)).await;
+    let outcome = put(store, "bob", &upload(&[], Some("a"), None)).await;
+    assert_eq!(outcome.stored, 0);
+    assert!(!outcome.status.has_last_resort);
+    assert_eq!(outcome.status.regular_count, 1);
+    take_regular(store, "bob", &["a"]).await;
+    assert_empty(store, "bob").await;
+}
+
+/// Repeating an upload changes nothing: same status, same fingerprint time, and every
+/// package is still handed out exactly once.
+pub async fn retried_upload_changes_nothing(store: &dyn KeyPackageStore) {
+    let fp = fingerprint('a');
+    let request = upload(&["a", "b", "c"], Some("lr"), Some(&fp));
+    let first = store
+        .upload(&user("bob"), &request, NOW_UNIX)
+        .await
+        .expect("upload");
+    assert_eq!(first.stored, 4);
+    let retry = store
+        .upload(&user("bob"), &request, NOW_UNIX + 60)
+        .await
+        .expect("retry");
+    assert_eq!(retry.stored, 0);
+    assert_eq!(retry.status, first.status);
+    assert_eq!(status(store, "bob").await, first.status);
+    assert_eq!(
+        store.fingerprint(&user("bob")).await.expect("fingerprint"),
+        Some((fp, NOW_UNIX))
+    );
+    take_regular(store, "bob", &["a", "b", "c"]).await;
+    take_last_resort(store, "bob", "lr").await;
+    assert_eq!(status(store, "bob").await.last_resort_handouts, 1);
+}
+
+/// Each package carries the fingerprint sent with its upload: a package uploaded without one
+/// comes back without one, even after a later upload set a fingerprint.
+pub async fn fingerprint_is_recorded_with_each_package(store: &dyn KeyPackageStore) {
+    let (x, y) = (fingerprint('1'), fingerprint('2'));
+    put(store, "bob", &upload(&["plain"], None, None)).await;
+    put(store, "bob", &upload(&["x1"], Some("lr"), Some(&x))).await;
+    put(store, "bob", &upload(&["y1"], None, Some(&y))).await;
+    put(store, "bob", &upload(&["plain2"], None, None)).await;
+
+    let expected = [
+        ("plain", None),
+        ("x1", Some(&x)),
+        ("y1", Some(&y)),
+        ("plain2", None),
+    ];
+    for (tag, fp) in expected {
+        let got = take(store, "bob").await;
+        assert_eq!(got.key_package, package(tag));
+        assert_eq!(got.fingerprint.as_ref(), fp, "fingerprint of {tag}");
+    }
+    let last = take(store, "bob").await;
+    assert!(last.is_last_resort);
+    assert_eq!(
+        last.fingerprint.as_ref(),
+        Some(&x),
+        "the last-resort package keeps its own"
+    );
+    assert_eq!(
+        status(store, "bob").await.fingerprint,
+        Some(y),
+        "current is the latest sent"
+    );
+}
+
+/// The current fingerprint is the last one sent; its time changes only when the value does,
+/// and an upload without a fingerprint keeps it.
+pub async fn fingerprint_updated_at_changes_only_with_the_value(store: &dyn KeyPackageStore) {
+    let bob = user("bob");
+    let (x, y) = (fingerprint('d'), fingerprint('e'));
+    store
+        .upload(&bob, &upload(&["a"], None, None), 100)
+        .await
+        .expect("upload");
+    assert_eq!(store.fingerprint(&bob).await.expect("fingerprint"), None);
+
+    store
+        .upload(&bob, &upload(&["b"], None, Some(&x)), 200)
+        .await
+        .expect("upload");
+    assert_eq!(
+        store.fingerprint(&bob).await.expect("fingerprint"),
+        Some((x.clone(), 200))
+    );
+
+    store
+        .upload(&bob, &upload(&["c"], None, Some(&x)), 300)
+        .await
+        .expect("upload");
+    store
+        .upload(&bob, &upload(&["d"], None, None), 400)
+        .await
+        .expect("upload");
+    assert_eq!(
+        store.fingerprint(&bob).await.expect("fingerprint"),
+        Some((x.clone(), 200))
+    );
+    assert_eq!(status(store, "bob").await.fingerprint, Some(x));
+
+    // Set even when every entry is skipped as already held.
+    store
+        .upload(&bob, &upload(&["a"], None, Some(&y)), 500)
+        .await
+        .expect("upload");
+    assert_eq!(
+        store.fingerprint(&bob).await.expect("fingerprint"),
+        Some((y.clone(), 500))
+    );
+    assert_eq!(status(store, "bob").await.fingerprint, Some(y));
+}
+
+/// `delete_all` removes the regular and the last-resort packages and resets the hand-out
+/// count; the fingerprint and its time stay. Deleted packages no longer count as held.
+pub async fn delete_all_removes_every_package_and_keeps_the_fingerprint(
+    store: &dyn KeyPackageStore,
+) {
+    let fp = fingerprint('c');
+    put(store, "bob", &upload(&["a", "b"], Some("lr"), Some(&fp))).await;
+    take_regular(store, "bob", &["a", "b"]).await;
+    take_last_resort(store, "bob", "lr").await;
+    put(store, "bob", &upload(&["c"], None, None)).await;
+
+    store.delete_all(&user("bob")).await.expect("delete_all");
+    assert_eq!(
+        status(store, "bob").await,
+        Status {
+            regular_count: 0,
+            has_last_resort: false,
+            fingerprint: Some(fp.clone()),
+            last_resort_handouts: 0,
+        }
+    );
+    assert_eq!(
+        store.fingerprint(&user("bob")).await.expect("fingerprint"),
+        Some((fp, NOW_UNIX))
+    );
+    assert_empty(store, "bob").await;
+
+    let again = put(store, "bob", &upload(&["c"], Some("lr"), None)).await;
+    assert_eq!(again.stored, 2, "deleted packages are not held any more");
+    assert_eq!(again.status.last_resort_handouts, 0);
+}
+
+/// One user's packages, budget and deletions never touch another's; identical bytes held by
+/// two users are two packages.
+pub async fn users_are_isolated(store: &dyn KeyPackageStore) {
+    let (x, y) = (fingerprint('a'), fingerprint('b'));
+    put(
+        store,
+        "alice",
+        &upload(&["shared", "a1"], Some("alr"), Some(&x)),
+    )
+    .await;
+    let bob = put(store, "bob", &upload(&["shared", "b1"], None, Some(&y))).await;
+    assert_eq!(
+        bob.stored, 2,
+        "alice's copy does not make bob's a duplicate"
+    );
+
+    let got = take(store, "bob").await;
+    assert_eq!(
+        (got.key_package, got.fingerprint),
+        (package("shared"), Some(y.clone()))
+    );
+    take_regular(store, "bob", &["b1"]).await;
+    assert_empty(store, "bob").await;
+
+    store.delete_all(&user("bob")).await.expect("delete_all");
+    assert_eq!(
+        status(store, "alice").await,
+        Status {
+            regular_count: 2,
+            has_last_resort: true,
+            fingerprint: Some(x),
+            last_resort_handouts: 0,
+        }
+    );
+    assert_eq!(status(store, "bob").await.fingerprint, Some(y));
+    take_regular(store, "alice", &["shared", "a1"]).await;
+    take_last_resort(store, "alice", "alr").await;
+}
+
+/// The budget allows a burst of `burst` consumptions, then refuses with the time until one
+/// more is allowed, and refills one per interval (fully after `burst` intervals).
+pub async fn budget_allows_a_burst_then_rate_limits_until_refilled(store: &dyn KeyPackageStore) {
+    let budget = Budget::per_minute(10);
+    let all = tags("p", 0..10);
+    put(store, "bob", &upload(&strs(&all), Some("lr"), None)).await;
+    let limited = |ms: u64| ConsumeOutcome::RateLimited {
+        retry_after: Duration::from_millis(ms),
+    };
+
+    for tag in &all {
+        match consume_with(store, "bob", budget, NOW_MS).await {
+            ConsumeOutcome::Consumed(got) => assert_eq!(got.key_package, package(tag)),
+            other => panic!("within the burst, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        consume_with(store, "bob", budget, NOW_MS).await,
+        limited(6_000)
+    );
+    assert_eq!(
+        consume_with(store, "bob", budget, NOW_MS + 5_999).await,
+        limited(1)
+    );
+    assert!(matches!(
+        consume_with(store, "bob", budget, NOW_MS + 6_000).await,
+        ConsumeOutcome::Consumed(Consumed {
+            is_last_resort: true,
+            ..
+        })
+    ));
+    assert_eq!(
+        consume_with(store, "bob", budget, NOW_MS + 6_000).await,
+        limited(6_000)
+    );
+
+    // A minute after the last allowed request the bucket is full again.
+    let later = NOW_MS + 66_000;
+    for _ in 0..10 {
+        take_last_resort_with(store, "bob", budget, later, "lr").await;
+    }
+    assert_eq!(
+        consume_with(store, "bob", budget, later).await,
+        limited(6_000)
+    );
+}
+
+/// A refused request hands out nothing and counts no hand-out; a request that finds nothing
+/// still takes its share of the budget.
+pub async fn rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget(
+    store: &dyn KeyPackageStore,
+) {
+    let budget = Budget::per_minute(3);
+    for _ in 0..3 {
+        assert_eq!(
+            consume_with(store, "carol", budget, NOW_MS).await,
+            ConsumeOutcome::Empty
+        );
+    }
+    assert!(is_rate_limited(
+        &consume_with(store, "carol", budget, NOW_MS).await
+    ));
+
+    put(store, "bob", &upload(&["a"], Some("lr"), None)).await;
+    for _ in 0..3 {
+        let got = consume_with(store, "bob", budget, NOW_MS).await;
+        assert!(
+            matches!(got, ConsumeOutcome::Consumed(_)),
+            "within the burst: {got:?}"
+        );
+    }
+    let spent = status(store, "bob").await;
+    assert_eq!((spent.regular_count, spent.last_resort_handouts), (0, 2));
+    put(store, "bob", &upload(&["b"], None, None)).await;
+    for _ in 0..3 {
+        assert!(is_rate_limited(
+            &consume_with(store, "bob", budget, NOW_MS).await
+        ));
+    }
+    let after = status(store, "bob").await;
+    assert_eq!(
+        (after.regular_count, after.last_resort_handouts),
+        (1, 2),
+        "nothing handed out"
+    );
+    // The refusals did not extend the wait: one interval later one request is allowed.
+    match consume_with(store, "bob", budget, NOW_MS + 20_000).await {
+        ConsumeOutcome::Consumed(got) => assert_eq!(got.key_package, package("b")),
+        other => panic!("refilled one request, got {other:?}"),
+    }
+}
+
+/// Each target has its own budget, whoever asks.
+pub async fn budgets_are_per_target(store: &dyn KeyPackageStore) {
+    let budget = Budget::per_minute(2);
+    put(store, "alice", &upload(&[], Some("alr"), None)).await;
+    put(store, "bob", &upload(&[], Some("blr"), None)).await;
+    for _ in 0..2 {
+        assert!(!is_rate_limited(
+            &consume_with(store, "alice", budget, NOW_MS).await
+        ));
+    }
+    assert!(is_rate_limited(
+        &consume_with(store, "alice", budget, NOW_MS).await
+    ));
+    for _ in 0..2 {
+        take_last_resort_with(store, "bob", budget, NOW_MS, "blr").await;
+    }
+    assert!(is_rate_limited(
+        &consume_with(store, "bob", budget, NOW_MS).await
+    ));
+}
+
+/// Pruning drops only budgets that have fully refilled; a partly spent budget survives and
+/// keeps limiting.
+pub async fn prune_budgets_removes_only_refilled_state(store: &dyn KeyPackageStore) {
+    let budget = Budget::per_minute(10);
+    for _ in 0..10 {
+        assert!(!is_rate_limited(
+            &consume_with(store, "alice", budget, NOW_MS).await
+        ));
+    }
+    assert!(!is_rate_limited(
+        &consume_with(store, "bob", budget, NOW_MS).await
+    ));
+
+    assert_eq!(
+        store.prune_budgets(NOW_MS).await.expect("prune"),
+        0,
+        "nothing refilled yet"
+    );
+    // Bob's single request has refilled after one interval; alice's burst has not.
+    assert_eq!(store.prune_budgets(NOW_MS + 6_000).await.expect("prune"), 1);
+    assert!(!is_rate_limited(
+        &consume_with(store, "alice", budget, NOW_MS + 6_000).await
+    ));
+    assert!(
+        is_rate_limited(&consume_with(store, "alice", budget, NOW_MS + 6_000).await),
+        "alice's state survived the prune"
+    );
+    for _ in 0..10 {
+        assert!(!is_rate_limited(
+            &consume_with(store, "bob", budget, NOW_MS + 6_000).await
+        ));
+    }
+    assert_eq!(
+        store.prune_budgets(NOW_MS + 66_000).await.expect("prune"),
+        2
+    );
+    assert_eq!(
+        store.prune_budgets(NOW_MS + 66_000).await.expect("prune"),
+        0
+    );
+}

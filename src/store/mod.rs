@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::key_package::{Fingerprint, UserId};
 pub use crate::key_package::Upload;
+use crate::key_package::{Fingerprint, UserId};
 
 pub mod conformance;
 pub mod postgres;
@@ -145,7 +145,8 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Postgres SQLSTATEs that mean "not now" rather than "wrong": connection failures, shutdown,
-/// statement timeouts, and SQLite's busy/locked codes.
+/// statement and lock timeouts, sessions ended for idling in a transaction, deadlocks, and
+/// SQLite's busy/locked codes.
 fn is_unavailable_code(code: Option<&str>) -> bool {
     match code {
         Some(c) => {
@@ -153,6 +154,9 @@ fn is_unavailable_code(code: Option<&str>) -> bool {
                 || c.starts_with("57P")
                 || c == "57014"
                 || c == "53300"
+                || c == "55P03"
+                || c == "25P03"
+                || c == "40P01"
                 || c == "5"
                 || c == "6"
                 || c == "517"
@@ -168,8 +172,12 @@ pub trait KeyPackageStore: Send + Sync + 'static {
     /// Applies a validated upload for `user`: appends regular packages in order, skips packages
     /// byte-identical to held ones, replaces the last-resort package, records the fingerprint,
     /// and trims to the 10 newest regular packages, all in one transaction.
-    async fn upload(&self, user: &UserId, upload: &Upload, now_unix: i64)
-        -> Result<UploadOutcome, StoreError>;
+    async fn upload(
+        &self,
+        user: &UserId,
+        upload: &Upload,
+        now_unix: i64,
+    ) -> Result<UploadOutcome, StoreError>;
 
     /// Charges `target`'s shared budget, then hands out its oldest regular package (removing it)
     /// or, when none is left, its last-resort package (counting the hand-out), atomically.
@@ -228,9 +236,13 @@ pub async fn connect(
 ) -> Result<std::sync::Arc<dyn KeyPackageStore>, StoreError> {
     let url = options.url.as_str();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(std::sync::Arc::new(postgres::PgStore::connect(options).await?))
+        Ok(std::sync::Arc::new(
+            postgres::PgStore::connect(options).await?,
+        ))
     } else if url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(sqlite::SqliteStore::connect(options).await?))
+        Ok(std::sync::Arc::new(
+            sqlite::SqliteStore::connect(options).await?,
+        ))
     } else {
         Err(StoreError::Config(
             "DATABASE_URL must start with sqlite: or postgres://".into(),
@@ -253,13 +265,23 @@ impl<'a> UploadPlan<'a> {
     /// Plans `upload` against the held regular digests and the held last-resort digest.
     pub fn new(upload: &'a Upload, held: &[Vec<u8>], held_last_resort: Option<&[u8]>) -> Self {
         let is_held = |digest: &[u8; 32]| {
-            held.iter().any(|h| h.as_slice() == digest) || held_last_resort == Some(digest.as_slice())
+            held.iter().any(|h| h.as_slice() == digest)
+                || held_last_resort == Some(digest.as_slice())
         };
-        let mut regular: Vec<_> = upload.regular.iter().filter(|p| !is_held(p.digest())).collect();
-        let excess = regular.len().saturating_sub(crate::key_package::MAX_REGULAR_PACKAGES);
+        let mut regular: Vec<_> = upload
+            .regular
+            .iter()
+            .filter(|p| !is_held(p.digest()))
+            .collect();
+        let excess = regular
+            .len()
+            .saturating_sub(crate::key_package::MAX_REGULAR_PACKAGES);
         regular.drain(..excess);
         let last_resort = upload.last_resort.as_ref().filter(|p| !is_held(p.digest()));
-        Self { regular, last_resort }
+        Self {
+            regular,
+            last_resort,
+        }
     }
 
     /// Packages this plan stores.

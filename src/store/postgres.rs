@@ -1,45 +1,320 @@
-//! The production backend: Postgres, shared by any number of server processes.
+//! The production backend: Postgres, shared by any number of server processes. Rules that must
+//! hold across processes are row locks: uploads serialise on the user's `users` row,
+//! consumptions on the target's budget row and on the package they take.
+
+use std::str::FromStr;
 
 use async_trait::async_trait;
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    Connection, PgConnection, PgExecutor, PgPool, Row,
+};
 
-use super::{Budget, ConnectOptions, ConsumeOutcome, KeyPackageStore, Status, StoreError, Upload, UploadOutcome};
-use crate::key_package::{Fingerprint, UserId};
+use super::{
+    stored_fingerprint, Budget, ConnectOptions, ConsumeOutcome, Consumed, KeyPackageStore, Status,
+    StoreError, Upload, UploadOutcome, UploadPlan,
+};
+use crate::key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES};
+
+/// Creates the user's row or, when it exists, locks it (a row lock held until commit, so one
+/// user's uploads run one after another); records the fingerprint, stamping the time only
+/// when the value changes; returns the digest of the held last-resort package.
+///
+/// $1 user, $2 fingerprint or NULL, $3 now (Unix seconds) or NULL when $2 is NULL.
+const LOCK_USER: &str = "\
+INSERT INTO users AS u (user_id, fingerprint, fingerprint_updated_at) VALUES ($1, $2, $3)
+ON CONFLICT (user_id) DO UPDATE SET
+    fingerprint = COALESCE(EXCLUDED.fingerprint, u.fingerprint),
+    fingerprint_updated_at = CASE
+        WHEN EXCLUDED.fingerprint IS NOT NULL
+         AND EXCLUDED.fingerprint IS DISTINCT FROM u.fingerprint
+        THEN EXCLUDED.fingerprint_updated_at
+        ELSE u.fingerprint_updated_at
+    END
+RETURNING last_resort_digest";
+
+/// Writes an [`UploadPlan`] in one statement, under the lock taken by [`LOCK_USER`]: appends
+/// the regular packages in plan order, keeps only the `$5` newest of the packages held before
+/// (so with the `n` new ones at most 10 remain), and replaces the last-resort package.
+///
+/// The sub-statements share one snapshot, so the trim cannot see (and never removes) the rows
+/// inserted beside it; no other session inserts for this user while the lock is held.
+///
+/// $1 user, $2 digests and $3 bytes of the regular packages (oldest first), $4 fingerprint
+/// ('' for none), $5 held packages to keep, $6 last-resort bytes and $7 its digest (or NULLs).
+/// Returns how many regular packages were inserted.
+const WRITE_PLAN: &str = "\
+WITH inserted AS (
+    INSERT INTO key_packages (user_id, digest, data, fingerprint)
+    SELECT $1, p.digest, p.data, $4
+    FROM UNNEST($2::bytea[], $3::bytea[]) WITH ORDINALITY AS p (digest, data, ord)
+    ORDER BY p.ord
+    ON CONFLICT (user_id, digest) DO NOTHING
+    RETURNING id
+), trimmed AS (
+    DELETE FROM key_packages
+    WHERE id IN (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id DESC OFFSET $5)
+), replaced AS (
+    UPDATE users
+    SET last_resort = $6, last_resort_digest = $7, last_resort_fingerprint = $4,
+        last_resort_handouts = 0
+    WHERE user_id = $1 AND $6::bytea IS NOT NULL
+)
+SELECT count(*) FROM inserted";
+
+/// One consumption as a single statement (its own transaction):
+///
+/// 1. `budget` charges the target's GCRA budget: the upsert advances `tat` only while it stays
+///    within the window, exactly as [`Budget::decide`]; no row back means rate limited. The
+///    row stays locked until the statement ends, so one target's consumptions run in turn.
+/// 2. `regular` takes the oldest regular package that no other transaction has locked and
+///    deletes it. A row another consumer deleted after this statement's snapshot fails to
+///    lock and is skipped, so each package is returned by exactly one transaction.
+/// 3. `last_resort` counts a hand-out of the last-resort package, only when 2 found nothing.
+///
+/// $1 target, $2 now (ms), $3 refill interval (ms), $4 window (ms).
+const CONSUME: &str = "\
+WITH budget AS (
+    INSERT INTO consume_budgets AS b (user_id, tat)
+    SELECT $1, $2 + $3 WHERE $3 <= $4
+    ON CONFLICT (user_id) DO UPDATE SET tat = GREATEST(b.tat, $2) + $3
+    WHERE GREATEST(b.tat, $2) + $3 <= $2 + $4
+    RETURNING tat
+), regular AS (
+    DELETE FROM key_packages
+    WHERE id = (
+        SELECT id FROM key_packages
+        WHERE user_id = $1 AND EXISTS (SELECT FROM budget)
+        ORDER BY id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING data, fingerprint
+), last_resort AS (
+    UPDATE users SET last_resort_handouts = last_resort_handouts + 1
+    WHERE user_id = $1 AND last_resort IS NOT NULL
+      AND EXISTS (SELECT FROM budget) AND NOT EXISTS (SELECT FROM regular)
+    RETURNING last_resort, last_resort_fingerprint
+)
+SELECT EXISTS (SELECT FROM budget), p.data, p.fingerprint, p.is_last_resort
+FROM (VALUES (1)) AS one (x)
+LEFT JOIN (
+    SELECT data, fingerprint, false AS is_last_resort FROM regular
+    UNION ALL
+    SELECT last_resort, last_resort_fingerprint, true FROM last_resort
+) AS p ON true";
+
+/// The user's status, from inside or outside a transaction. $1 user.
+const STATUS: &str = "\
+SELECT (SELECT count(*) FROM key_packages WHERE user_id = $1),
+       last_resort IS NOT NULL, fingerprint, last_resort_handouts
+FROM users WHERE user_id = $1";
 
 /// Key packages in a Postgres database.
 #[derive(Clone, Debug)]
 pub struct PgStore {
-    pool: sqlx::PgPool,
+    pool: PgPool,
 }
 
 impl PgStore {
     /// Connects and applies the Postgres migrations.
-    pub async fn connect(_options: &ConnectOptions) -> Result<Self, StoreError> {
-        Err(StoreError::Config("the Postgres backend is not built yet".into()))
+    ///
+    /// The first connection is opened directly so that a start-up failure reports its cause;
+    /// the pool itself opens connections on demand and replaces broken ones, so the store
+    /// recovers by itself when the database comes back.
+    pub async fn connect(options: &ConnectOptions) -> Result<Self, StoreError> {
+        let mut base = PgConnectOptions::from_str(&options.url)
+            .map_err(|e| StoreError::Config(format!("cannot parse the Postgres URL: {e}")))?;
+        if base.get_application_name().is_none() {
+            base = base.application_name("keypackage-server");
+        }
+
+        // Migrations run without the request timeouts: they may legitimately wait for another
+        // process that is migrating the same database.
+        let mut conn =
+            tokio::time::timeout(options.acquire_timeout, PgConnection::connect_with(&base))
+                .await
+                .map_err(|_| {
+                    StoreError::Config(format!(
+                        "no answer from the database within {:?}",
+                        options.acquire_timeout
+                    ))
+                })??;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&mut conn)
+            .await
+            .map_err(|e| StoreError::Config(format!("migrations failed: {e}")))?;
+        let _ = conn.close().await;
+
+        // Server-side bounds, so a request never waits on the database longer than this
+        // (a lock held by a stuck client included); 0 would mean "no limit" to Postgres.
+        let timeout_ms = options.statement_timeout.as_millis().max(1).to_string();
+        let pooled = base.options([
+            ("statement_timeout", &timeout_ms),
+            ("lock_timeout", &timeout_ms),
+            ("idle_in_transaction_session_timeout", &timeout_ms),
+        ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(pooled);
+        Ok(Self { pool })
     }
 }
 
 #[async_trait]
 impl KeyPackageStore for PgStore {
-    async fn upload(&self, _: &UserId, _: &Upload, _: i64) -> Result<UploadOutcome, StoreError> {
-        unimplemented!()
+    async fn upload(
+        &self,
+        user: &UserId,
+        upload: &Upload,
+        now_unix: i64,
+    ) -> Result<UploadOutcome, StoreError> {
+        let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
+        let mut tx = self.pool.begin().await?;
+        let held_last_resort: Option<Vec<u8>> = sqlx::query_scalar(LOCK_USER)
+            .bind(user.as_str())
+            .bind(fingerprint)
+            .bind(fingerprint.map(|_| now_unix))
+            .fetch_one(&mut *tx)
+            .await?;
+        // A statement of its own: its snapshot is taken after the lock above was granted, so it
+        // sees everything the previous upload of this user committed.
+        let held: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT digest FROM key_packages WHERE user_id = $1")
+                .bind(user.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
+        let plan = UploadPlan::new(upload, &held, held_last_resort.as_deref());
+        let mut stored = u32::from(plan.last_resort.is_some());
+        if plan.stored() > 0 {
+            let digests: Vec<&[u8]> = plan.regular.iter().map(|p| p.digest().as_slice()).collect();
+            let data: Vec<&[u8]> = plan.regular.iter().map(|p| p.bytes().as_ref()).collect();
+            let keep = (MAX_REGULAR_PACKAGES - plan.regular.len()) as i64;
+            let inserted: i64 = sqlx::query_scalar(WRITE_PLAN)
+                .bind(user.as_str())
+                .bind(digests)
+                .bind(data)
+                .bind(fingerprint.unwrap_or(""))
+                .bind(keep)
+                .bind(plan.last_resort.map(|p| p.bytes().as_ref()))
+                .bind(plan.last_resort.map(|p| p.digest().as_slice()))
+                .fetch_one(&mut *tx)
+                .await?;
+            stored += inserted as u32;
+        }
+        let status = status_of(&mut *tx, user).await?;
+        tx.commit().await?;
+        Ok(UploadOutcome { stored, status })
     }
-    async fn consume(&self, _: &UserId, _: Budget, _: i64) -> Result<ConsumeOutcome, StoreError> {
-        unimplemented!()
+
+    async fn consume(
+        &self,
+        target: &UserId,
+        budget: Budget,
+        now_ms: i64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        let row = sqlx::query(CONSUME)
+            .bind(target.as_str())
+            .bind(now_ms)
+            .bind(budget.interval_ms())
+            .bind(budget.window_ms())
+            .fetch_one(&self.pool)
+            .await?;
+        let allowed: bool = row.try_get(0)?;
+        if !allowed {
+            // Only the wait is missing; read the state that refused us and let the shared
+            // GCRA arithmetic compute it.
+            let tat: Option<i64> =
+                sqlx::query_scalar("SELECT tat FROM consume_budgets WHERE user_id = $1")
+                    .bind(target.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            let retry_after = budget.decide(tat, now_ms).err().unwrap_or_default();
+            return Ok(ConsumeOutcome::RateLimited { retry_after });
+        }
+        consumed(&row)
     }
-    async fn status(&self, _: &UserId) -> Result<Status, StoreError> {
-        unimplemented!()
+
+    async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
+        status_of(&self.pool, user).await
     }
-    async fn delete_all(&self, _: &UserId) -> Result<(), StoreError> {
-        unimplemented!()
+
+    async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
+        // The user's row first, as uploads do, so the two never wait on each other in a cycle;
+        // the DELETE then runs on a snapshot that includes any upload that held the lock.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE users SET last_resort = NULL, last_resort_digest = NULL, \
+             last_resort_fingerprint = '', last_resort_handouts = 0 WHERE user_id = $1",
+        )
+        .bind(user.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM key_packages WHERE user_id = $1")
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
-    async fn fingerprint(&self, _: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
-        unimplemented!()
+
+    async fn fingerprint(&self, user: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
+        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT fingerprint, fingerprint_updated_at FROM users WHERE user_id = $1",
+        )
+        .bind(user.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(fp, at)| Some((stored_fingerprint(fp)?, at.unwrap_or(0)))))
     }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
-    async fn prune_budgets(&self, _: i64) -> Result<u64, StoreError> {
-        unimplemented!()
+
+    async fn prune_budgets(&self, now_ms: i64) -> Result<u64, StoreError> {
+        // SKIP LOCKED: rows being charged right now are not refilled anyway, and pruners in
+        // several processes then never wait on (or deadlock with) each other or consumers.
+        let done = sqlx::query(
+            "DELETE FROM consume_budgets WHERE tat <= $1 AND user_id IN \
+             (SELECT user_id FROM consume_budgets WHERE tat <= $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
+}
+
+/// Reads the package columns of a [`CONSUME`] row; no package means the target holds none.
+fn consumed(row: &PgRow) -> Result<ConsumeOutcome, StoreError> {
+    let data: Option<Vec<u8>> = row.try_get(1)?;
+    let Some(data) = data else {
+        return Ok(ConsumeOutcome::Empty);
+    };
+    let fingerprint: Option<String> = row.try_get(2)?;
+    let is_last_resort: Option<bool> = row.try_get(3)?;
+    Ok(ConsumeOutcome::Consumed(Consumed {
+        key_package: data.into(),
+        is_last_resort: is_last_resort.unwrap_or(false),
+        fingerprint: stored_fingerprint(fingerprint),
+    }))
+}
+
+async fn status_of<'c>(executor: impl PgExecutor<'c>, user: &UserId) -> Result<Status, StoreError> {
+    let row: Option<(i64, bool, Option<String>, i64)> = sqlx::query_as(STATUS)
+        .bind(user.as_str())
+        .fetch_optional(executor)
+        .await?;
+    Ok(match row {
+        Some((count, has_last_resort, fingerprint, handouts)) => Status {
+            regular_count: count as u32,
+            has_last_resort,
+            fingerprint: stored_fingerprint(fingerprint),
+            last_resort_handouts: handouts as u64,
+        },
+        None => Status::default(),
+    })
 }

@@ -2,6 +2,8 @@
 //!
 //! SQLite allows one writer at a time, so every write goes through a single pooled connection
 //! (several writers would only wait on each other's locks); reads use a separate small pool.
+//! Write transactions start with `BEGIN IMMEDIATE`: they take the write lock up front, so a
+//! second process on the same file waits for it (busy timeout) instead of failing mid-way.
 
 use std::str::FromStr;
 
@@ -28,7 +30,7 @@ impl SqliteStore {
     /// Opens (creating if missing) the database and applies the SQLite migrations.
     pub async fn connect(options: &ConnectOptions) -> Result<Self, StoreError> {
         let base = SqliteConnectOptions::from_str(&options.url)
-            .map_err(|e| StoreError::Config(format!("DATABASE_URL: {e}")))?
+            .map_err(|e| StoreError::Config(format!("{e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // NORMAL in WAL mode never corrupts the file; a power cut may lose the last commits.
@@ -40,7 +42,7 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.clone())
             .await
-            .map_err(|e| StoreError::Config(format!("DATABASE_URL: cannot open database: {e}")))?;
+            .map_err(|e| StoreError::Config(format!("cannot open database: {e}")))?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&writer)
             .await
@@ -62,7 +64,7 @@ impl KeyPackageStore for SqliteStore {
         upload: &Upload,
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT INTO users (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -139,7 +141,7 @@ impl KeyPackageStore for SqliteStore {
         budget: Budget,
         now_ms: i64,
     ) -> Result<ConsumeOutcome, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let tat: Option<i64> =
             sqlx::query_scalar("SELECT tat FROM consume_budgets WHERE user_id = $1")
                 .bind(target.as_str())
@@ -193,7 +195,7 @@ impl KeyPackageStore for SqliteStore {
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("DELETE FROM key_packages WHERE user_id = $1")
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -233,7 +235,10 @@ impl KeyPackageStore for SqliteStore {
     }
 }
 
-fn consumed(row: sqlx::sqlite::SqliteRow, is_last_resort: bool) -> Result<ConsumeOutcome, StoreError> {
+fn consumed(
+    row: sqlx::sqlite::SqliteRow,
+    is_last_resort: bool,
+) -> Result<ConsumeOutcome, StoreError> {
     let data: Vec<u8> = row.try_get(0)?;
     let fingerprint: String = row.try_get(1)?;
     Ok(ConsumeOutcome::Consumed(Consumed {
@@ -262,4 +267,3 @@ async fn status_in(conn: &mut sqlx::SqliteConnection, user: &UserId) -> Result<S
         None => Status::default(),
     })
 }
-

@@ -32,12 +32,21 @@ pub struct TestDb {
 }
 
 enum Cleanup {
+    /// Another handle owns the database and removes it.
+    Borrowed,
     Dir(PathBuf),
-    Postgres { admin_url: String, name: String },
+    Postgres {
+        admin_url: String,
+        name: String,
+    },
 }
 
 fn unique_name(prefix: &str) -> String {
-    format!("{prefix}_{}_{:016x}", std::process::id(), rand::random::<u64>())
+    format!(
+        "{prefix}_{}_{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    )
 }
 
 impl TestDb {
@@ -80,6 +89,15 @@ impl TestDb {
         }
     }
 
+    /// A second handle on the same database (for a second server process); it removes nothing
+    /// when dropped, so drop it before or with the original.
+    pub fn share(&self) -> Self {
+        Self {
+            url: self.url.clone(),
+            cleanup: Cleanup::Borrowed,
+        }
+    }
+
     /// True when this database is Postgres.
     pub fn is_postgres(&self) -> bool {
         matches!(self.cleanup, Cleanup::Postgres { .. })
@@ -96,6 +114,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         match &self.cleanup {
+            Cleanup::Borrowed => {}
             Cleanup::Dir(dir) => {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -110,9 +129,11 @@ impl Drop for TestDb {
                     rt.block_on(async move {
                         use sqlx::Connection;
                         if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
-                            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                                .execute(&mut conn)
-                                .await;
+                            let _ = sqlx::query(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .execute(&mut conn)
+                            .await;
                         }
                     });
                 })
@@ -168,6 +189,16 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
 /// A server with `options` on the given database.
 pub async fn spawn_app_on(db: TestDb, options: AppOptions) -> TestApp {
     let store = db.store().await;
+    spawn_app_with_store(db, store, options).await
+}
+
+/// A server with `options` in front of `store` (for instance a wrapper that simulates an
+/// outage); `db` is kept alive with the app.
+pub async fn spawn_app_with_store(
+    db: TestDb,
+    store: Arc<dyn KeyPackageStore>,
+    options: AppOptions,
+) -> TestApp {
     let state = AppState::new(store, options.auth, options.limits);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -211,8 +242,11 @@ pub fn fingerprint(digit: char) -> String {
 /// Signs an HS256 token with [`SECRET`] for `user`, valid for an hour.
 pub fn token(user: &str) -> String {
     let auth = Authenticator::new(VerifyingKey::Secret(SECRET.to_vec()), None, None);
-    auth.issue(&keypackage_server::key_package::UserId::parse(user).expect("valid user id"), 3600)
-        .expect("sign")
+    auth.issue(
+        &keypackage_server::key_package::UserId::parse(user).expect("valid user id"),
+        3600,
+    )
+    .expect("sign")
 }
 
 /// An upload request from `(bytes, is_last_resort)` entries.
@@ -220,10 +254,12 @@ pub fn upload_request(entries: &[(Vec<u8>, bool)], fingerprint: &str) -> UploadK
     UploadKeyPackagesRequest {
         entries: entries
             .iter()
-            .map(|(data, last_resort)| keypackage_server::wire::KeyPackageEntry {
-                key_package_data: data.clone().into(),
-                is_last_resort: *last_resort,
-            })
+            .map(
+                |(data, last_resort)| keypackage_server::wire::KeyPackageEntry {
+                    key_package_data: data.clone().into(),
+                    is_last_resort: *last_resort,
+                },
+            )
             .collect(),
         signing_key_fingerprint: fingerprint.to_owned(),
     }
@@ -236,7 +272,11 @@ impl TestApp {
     }
 
     /// POSTs a protobuf upload as `user`.
-    pub async fn upload_raw(&self, user: &str, request: &UploadKeyPackagesRequest) -> reqwest::Response {
+    pub async fn upload_raw(
+        &self,
+        user: &str,
+        request: &UploadKeyPackagesRequest,
+    ) -> reqwest::Response {
         self.client
             .post(self.url("/api/v1/key-packages"))
             .bearer_auth(token(user))
@@ -247,10 +287,40 @@ impl TestApp {
             .expect("request")
     }
 
+    /// POSTs `body` to the upload route as `user` with the given `Content-Type` (none if `None`).
+    pub async fn upload_body(
+        &self,
+        user: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url("/api/v1/key-packages"))
+            .bearer_auth(token(user))
+            .body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().await.expect("request")
+    }
+
     /// Uploads entries as `user`, expecting 201, and returns the status.
-    pub async fn upload(&self, user: &str, entries: &[(Vec<u8>, bool)], fingerprint: &str) -> KeyPackageStatus {
-        let response = self.upload_raw(user, &upload_request(entries, fingerprint)).await;
-        assert_eq!(response.status(), 201, "upload failed: {:?}", response.text().await);
+    pub async fn upload(
+        &self,
+        user: &str,
+        entries: &[(Vec<u8>, bool)],
+        fingerprint: &str,
+    ) -> KeyPackageStatus {
+        let response = self
+            .upload_raw(user, &upload_request(entries, fingerprint))
+            .await;
+        assert_eq!(
+            response.status(),
+            201,
+            "upload failed: {:?}",
+            response.text().await
+        );
         decode(response).await
     }
 
@@ -267,7 +337,12 @@ impl TestApp {
     /// Consumes one of `target`'s packages as `caller`, expecting 200.
     pub async fn consume(&self, caller: &str, target: &str) -> KeyPackageResponse {
         let response = self.consume_raw(caller, target).await;
-        assert_eq!(response.status(), 200, "consume failed: {:?}", response.text().await);
+        assert_eq!(
+            response.status(),
+            200,
+            "consume failed: {:?}",
+            response.text().await
+        );
         decode(response).await
     }
 
@@ -328,14 +403,48 @@ pub async fn decode<T: Message + Default>(response: reqwest::Response) -> T {
 pub async fn problem(response: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
     assert_eq!(response.status(), status, "status");
     assert_eq!(
-        response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("application/problem+json")
     );
     let body: serde_json::Value = response.json().await.expect("json body");
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["status"], status, "{body}");
-    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
     body
+}
+
+/// Standard base64 with padding, written out here so JSON tests don't trust the server's codec.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Seconds since the Unix epoch, by the test's clock.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
 }
 
 /// Waits no longer than this for anything in tests.

@@ -1,0 +1,336 @@
+//! The store on its own: every conformance case, then concurrency, each on a fresh database of
+//! the backend this run targets (SQLite, or Postgres when `TEST_DATABASE_URL` is set).
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use keypackage_server::{
+    key_package::{Upload, UserId, MAX_REGULAR_PACKAGES},
+    store::{
+        self, conformance, Budget, ConnectOptions, ConsumeOutcome, KeyPackageStore, StoreError,
+    },
+};
+use tokio::sync::Barrier;
+
+use crate::helpers::{kp, TestDb};
+
+/// One test per conformance case, so each runs on its own database and fails under its name.
+macro_rules! conformance_tests {
+    ($($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let db = TestDb::new().await;
+                let store = db.store().await;
+                conformance::$case(store.as_ref()).await;
+            }
+        )*
+
+        /// The cases run above.
+        const RUN_HERE: &[&str] = &[$(stringify!($case)),*];
+    };
+}
+
+conformance_tests!(
+    status_of_an_unknown_user_is_zeros,
+    regular_packages_are_handed_out_oldest_first,
+    one_upload_of_fifteen_keeps_the_newest_ten,
+    successive_uploads_keep_the_newest_ten,
+    last_resort_is_handed_out_when_no_regular_is_left_and_never_removed,
+    last_resort_handouts_count_only_last_resort_hand_outs,
+    replacing_the_last_resort_resets_its_handouts,
+    entry_identical_to_a_held_regular_package_is_skipped,
+    entry_identical_to_the_held_last_resort_is_skipped,
+    last_resort_entry_identical_to_a_held_regular_package_is_skipped,
+    retried_upload_changes_nothing,
+    fingerprint_is_recorded_with_each_package,
+    fingerprint_updated_at_changes_only_with_the_value,
+    delete_all_removes_every_package_and_keeps_the_fingerprint,
+    users_are_isolated,
+    budget_allows_a_burst_then_rate_limits_until_refilled,
+    rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget,
+    budgets_are_per_target,
+    prune_budgets_removes_only_refilled_state,
+);
+
+#[test]
+fn every_conformance_case_runs_here() {
+    let listed: HashSet<&str> = conformance::CASES.iter().map(|(name, _)| *name).collect();
+    let run: HashSet<&str> = RUN_HERE.iter().copied().collect();
+    assert_eq!(
+        listed, run,
+        "tests/api/store.rs must run every case in conformance::CASES"
+    );
+}
+
+/// A budget these tests never exhaust.
+const PLENTY: Budget = Budget {
+    burst: 1_000_000,
+    interval: Duration::from_millis(1),
+};
+
+const NOW_MS: i64 = 1_700_000_000_000;
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("valid user id")
+}
+
+fn upload_of(regular: &[String], last_resort: Option<&str>) -> Upload {
+    let entries = regular
+        .iter()
+        .map(|tag| (Bytes::from(kp(tag)), false))
+        .chain(last_resort.map(|tag| (Bytes::from(kp(tag)), true)));
+    Upload::parse(entries, "").expect("valid upload")
+}
+
+/// Runs `consumers` consumptions of `target` at once, spread over `stores`, and returns what
+/// each one got; any error fails the test.
+async fn consume_concurrently(
+    stores: &[Arc<dyn KeyPackageStore>],
+    target: &str,
+    consumers: usize,
+) -> Vec<ConsumeOutcome> {
+    let start = Arc::new(Barrier::new(consumers));
+    let tasks: Vec<_> = (0..consumers)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let (start, target) = (start.clone(), user(target));
+            tokio::spawn(async move {
+                start.wait().await;
+                store.consume(&target, PLENTY, NOW_MS).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(consumers);
+    for task in tasks {
+        outcomes.push(task.await.expect("task").expect("consume must not fail"));
+    }
+    outcomes
+}
+
+/// Splits hand-outs into regular package bytes and the number of last-resort hand-outs,
+/// checking the last-resort ones are `last_resort`.
+fn split(outcomes: Vec<ConsumeOutcome>, last_resort: &str) -> (Vec<Vec<u8>>, usize) {
+    let mut regular = Vec::new();
+    let mut last_resort_count = 0;
+    for outcome in outcomes {
+        match outcome {
+            ConsumeOutcome::Consumed(got) if got.is_last_resort => {
+                assert_eq!(got.key_package.as_ref(), kp(last_resort).as_slice());
+                last_resort_count += 1;
+            }
+            ConsumeOutcome::Consumed(got) => regular.push(got.key_package.to_vec()),
+            other => panic!("expected a package, got {other:?}"),
+        }
+    }
+    (regular, last_resort_count)
+}
+
+fn tags(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_consumptions_hand_out_each_regular_package_exactly_once() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let packages = tags("p", 10);
+    store
+        .upload(&user("bob"), &upload_of(&packages, Some("lr")), 0)
+        .await
+        .expect("upload");
+
+    let outcomes = consume_concurrently(std::slice::from_ref(&store), "bob", 50).await;
+    let (mut regular, last_resort) = split(outcomes, "lr");
+
+    regular.sort();
+    let mut expected: Vec<Vec<u8>> = packages.iter().map(|t| kp(t)).collect();
+    expected.sort();
+    assert_eq!(regular, expected, "each regular package exactly once");
+    assert_eq!(last_resort, 40);
+    let status = store.status(&user("bob")).await.expect("status");
+    assert_eq!((status.regular_count, status.last_resort_handouts), (0, 40));
+    assert!(status.has_last_resort);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_uploads_by_one_user_keep_at_most_ten_whole_uploads_in_order() {
+    const UPLOADS: usize = 20;
+    const ENTRIES: usize = 5;
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let start = Arc::new(Barrier::new(UPLOADS));
+    let tasks: Vec<_> = (0..UPLOADS)
+        .map(|i| {
+            let (store, start) = (store.clone(), start.clone());
+            // Every upload also carries one entry all of them share, so concurrent uploads
+            // race on the duplicate check too.
+            let mut entries = vec!["shared".to_owned()];
+            entries.extend((0..ENTRIES).map(|j| format!("u{i:02}-{j}")));
+            tokio::spawn(async move {
+                start.wait().await;
+                store
+                    .upload(&user("bob"), &upload_of(&entries, None), 0)
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let outcome = task.await.expect("task").expect("upload must not fail");
+        assert!(outcome.status.regular_count as usize <= MAX_REGULAR_PACKAGES);
+    }
+    assert_eq!(
+        store
+            .status(&user("bob"))
+            .await
+            .expect("status")
+            .regular_count as usize,
+        MAX_REGULAR_PACKAGES
+    );
+
+    let mut held = Vec::new();
+    loop {
+        match store
+            .consume(&user("bob"), PLENTY, NOW_MS)
+            .await
+            .expect("consume")
+        {
+            ConsumeOutcome::Consumed(got) => {
+                held.push(String::from_utf8(got.key_package[4..].to_vec()).expect("tag"))
+            }
+            ConsumeOutcome::Empty => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(held.len(), MAX_REGULAR_PACKAGES);
+    assert_eq!(
+        held.iter().collect::<HashSet<_>>().len(),
+        held.len(),
+        "no package twice"
+    );
+    // Uploads applied one after another: each upload's entries come out together and in
+    // request order (the shared entry aside, which only the first upload to see it stores).
+    let mut seen_uploads = Vec::new();
+    let mut previous: Option<(&str, usize)> = None;
+    for tag in held.iter().filter(|t| *t != "shared") {
+        let (upload, entry) = tag.split_once('-').expect("a tag from one of the uploads");
+        let entry: usize = entry.parse().expect("entry index");
+        assert!(
+            upload.starts_with('u') && entry < ENTRIES,
+            "unknown package {tag}"
+        );
+        match previous {
+            Some((last, last_entry)) if last == upload => {
+                assert_eq!(
+                    entry,
+                    last_entry + 1,
+                    "entries of {upload} out of order: {held:?}"
+                );
+            }
+            _ => {
+                assert!(
+                    !seen_uploads.contains(&upload),
+                    "{upload} interleaved: {held:?}"
+                );
+                // Only the oldest upload still held may have lost its first entries to the cap.
+                assert!(
+                    seen_uploads.is_empty() || entry == 0,
+                    "{upload} partly stored: {held:?}"
+                );
+                seen_uploads.push(upload);
+            }
+        }
+        previous = Some((upload, entry));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_store_instances_on_one_database_never_hand_out_a_package_twice() {
+    let db = TestDb::new().await;
+    // Two stores with their own connection pools: two server processes, as far as the
+    // database can tell.
+    let stores = [db.store().await, db.store().await];
+    let mut handed_out = HashSet::new();
+    for round in 0..5 {
+        let packages = tags(&format!("r{round}-"), 10);
+        stores[round % 2]
+            .upload(&user("bob"), &upload_of(&packages, Some("lr")), 0)
+            .await
+            .expect("upload");
+        let outcomes = consume_concurrently(&stores, "bob", 20).await;
+        let (regular, last_resort) = split(outcomes, "lr");
+        for package in &regular {
+            assert!(handed_out.insert(package.clone()), "handed out twice");
+        }
+        let mut regular = regular;
+        regular.sort();
+        let mut expected: Vec<Vec<u8>> = packages.iter().map(|t| kp(t)).collect();
+        expected.sort();
+        assert_eq!(
+            regular, expected,
+            "round {round}: each package exactly once"
+        );
+        assert_eq!(last_resort, 10);
+    }
+}
+
+#[tokio::test]
+async fn a_write_blocked_past_the_statement_timeout_fails_as_unavailable_then_recovers() {
+    use sqlx::Connection;
+
+    let db = TestDb::new().await;
+    let mut options = ConnectOptions::new(db.url.clone());
+    options.statement_timeout = Duration::from_millis(300);
+    let store = store::connect(&options).await.expect("open store");
+    let bob = user("bob");
+    store
+        .upload(&bob, &upload_of(&tags("a", 1), None), 0)
+        .await
+        .expect("upload");
+
+    // Another session holds the lock an upload needs, and keeps it past the timeout.
+    let blocked = if db.is_postgres() {
+        let mut other = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        sqlx::query("BEGIN")
+            .execute(&mut other)
+            .await
+            .expect("begin");
+        sqlx::query("SELECT 1 FROM users WHERE user_id = 'bob' FOR UPDATE")
+            .execute(&mut other)
+            .await
+            .expect("lock");
+        let blocked = store.upload(&bob, &upload_of(&tags("b", 1), None), 0).await;
+        sqlx::query("ROLLBACK")
+            .execute(&mut other)
+            .await
+            .expect("rollback");
+        blocked
+    } else {
+        let mut other = sqlx::SqliteConnection::connect(&db.url)
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .expect("begin");
+        let blocked = store.upload(&bob, &upload_of(&tags("b", 1), None), 0).await;
+        sqlx::query("ROLLBACK")
+            .execute(&mut other)
+            .await
+            .expect("rollback");
+        blocked
+    };
+    assert!(
+        matches!(blocked, Err(StoreError::Unavailable(_))),
+        "expected unavailable, got {blocked:?}"
+    );
+
+    let outcome = store
+        .upload(&bob, &upload_of(&tags("b", 1), None), 0)
+        .await
+        .expect("the store works again once the lock is gone");
+    assert_eq!(
+        outcome.status.regular_count, 2,
+        "the blocked upload stored nothing"
+    );
+}
