@@ -80,6 +80,10 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(
+            state.limits.max_body_bytes,
+            refuse_announced_oversize,
+        ))
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::metrics::track,
         ))
@@ -105,6 +109,24 @@ async fn request_timeout(
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),
     }
+}
+
+/// Refuses at once a request whose `Content-Length` announces more than the body limit, instead
+/// of waiting (up to the request timeout) for a body that would be refused anyway.
+async fn refuse_announced_oversize(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    next.run(req).await
 }
 
 /// Longest a client may take to send a request's headers (slow-loris protection).

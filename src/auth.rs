@@ -97,6 +97,10 @@ pub struct Claims {
     /// Issue time, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Not before, Unix seconds. Declared so that a malformed `nbf` is refused: the JWT library
+    /// only checks an `nbf` that parses, and would otherwise ignore `"nbf": "tomorrow"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Issuer, when one is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
@@ -150,7 +154,7 @@ impl Authenticator {
     pub fn verify(&self, token: &str) -> Result<UserId, ApiError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| {
-                tracing::debug!(reason = ?e.kind(), "token refused");
+                tracing::debug!(reason = refusal_reason(e.kind()), "token refused");
                 ApiError::Unauthorized("the bearer token is invalid or expired")
             })?;
         UserId::parse(&data.claims.sub)
@@ -169,6 +173,7 @@ impl Authenticator {
             sub: user.to_string(),
             exp: now + ttl_secs,
             iat: Some(now),
+            nbf: None,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
@@ -181,6 +186,27 @@ impl Authenticator {
     }
 }
 
+/// Why a token was refused, for the log. Never the error itself: its JSON, UTF-8 and base64
+/// variants quote parts of the token (claim values, decoded bytes).
+fn refusal_reason(kind: &jsonwebtoken::errors::ErrorKind) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::InvalidToken => "malformed token",
+        K::InvalidSignature => "bad signature",
+        K::InvalidAlgorithm | K::InvalidAlgorithmName | K::MissingAlgorithm => "wrong algorithm",
+        K::MissingRequiredClaim(_) => "missing claim",
+        K::ExpiredSignature => "expired",
+        K::ImmatureSignature => "not yet valid",
+        K::InvalidIssuer => "wrong issuer",
+        K::InvalidAudience => "wrong audience",
+        K::InvalidSubject => "wrong subject",
+        K::Base64(_) => "bad base64",
+        K::Json(_) => "bad JSON or claim type",
+        K::Utf8(_) => "bad UTF-8",
+        _ => "unusable token",
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -188,10 +214,13 @@ fn unix_now() -> u64 {
 }
 
 /// Middleware for `/api/v1`: verifies the bearer token and stores the [`AuthUser`].
+/// More than one `Authorization` field is refused: which one counts would be ambiguous, and a
+/// proxy in front might pick another one than this server.
 pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
+    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+    let token = values
+        .next()
+        .filter(|_| values.next().is_none())
         .filter(|v| v.len() <= MAX_AUTHORIZATION_LEN)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token);

@@ -171,6 +171,11 @@ impl IntoResponse for ApiError {
             Self::RateLimited { retry_after } => {
                 headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
             }
+            // The rest of the body is never read, so the connection cannot carry another
+            // request: say so, or a keep-alive client would send its next request into it.
+            Self::PayloadTooLarge | Self::Timeout => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response

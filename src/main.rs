@@ -73,8 +73,9 @@ fn run_server(config: Config) -> Result<(), String> {
         let addr = listener
             .local_addr()
             .map_err(|e| format!("KPS_LISTEN_ADDR: {e}"))?;
+        let shutdown = shutdown_signal()?;
         tracing::info!(%addr, backend = backend_name(&options.url), "ready to serve");
-        app::serve(listener, state, shutdown_signal())
+        app::serve(listener, state, shutdown)
             .await
             .map_err(|e| format!("server error: {e}"))?;
         tracing::info!("shut down cleanly");
@@ -90,31 +91,34 @@ fn backend_name(url: &str) -> &'static str {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Starts listening for SIGINT and SIGTERM at once, and resolves when either arrives.
+///
+/// Registering before the ready line matters: a signal that arrives between that line and the
+/// first poll of a lazily registered listener would otherwise kill the process or be lost.
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot listen for SIGINT: {e}"))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
+        }
+        tracing::info!("shutdown signal received, draining in-flight requests");
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    Ok(async {
         if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutdown signal received, draining in-flight requests");
+        tracing::info!("shutdown signal received, draining in-flight requests");
+    })
 }
