@@ -313,11 +313,15 @@ fn run_model(cases: u32, ops: std::ops::Range<usize>, regressions: Vec<Vec<Op>>)
 
 #[test]
 fn store_matches_the_model_of_the_contract_for_random_operation_sequences() {
-    let cases = if crate::helpers::postgres_admin_url().is_some() {
+    let default = if crate::helpers::postgres_admin_url().is_some() {
         48
     } else {
         96
     };
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
     run_model(cases, 1..40, regression_cases());
 }
 
