@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# Load benchmark of keypackage-server beside the ceiling of the same SQL, in one run.
+#
+#   bench/run.sh [sqlite|postgres|both]     scenarios at each concurrency + ceilings + ratios
+#   bench/run.sh growth [sqlite|postgres]   consume p50/p99 with 10k, 100k, 1M users x 10 packages,
+#                                           then server RSS while 1M distinct targets are requested
+#
+# Everything runs on this machine: the server, the database and the load generator share the
+# cores. Every load loop is bounded in time and count and targets 127.0.0.1 only.
+#
+# Settings (environment):
+#   CONNS="16 64"   concurrencies        DURATION=20   measured seconds per run
+#   USERS=200000    seeded users         WRITERS=100000 uploaders (pre-signed tokens)
+#   SCENARIOS="healthz consume upload mixed status"
+#   BUDGET=10       KPS_CONSUME_LIMIT_PER_MINUTE of the server and the ceilings
+#   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres   (a fresh database is created)
+#   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
+#   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
+#   OUT=/tmp/kps-bench-<time>             where logs and results go
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODE="${1:-both}"
+CONNS="${CONNS:-16 64}"
+DURATION="${DURATION:-20}"
+WARMUP="${WARMUP:-2}"
+USERS="${USERS:-200000}"
+WRITERS="${WRITERS:-100000}"
+SIZE="${SIZE:-256}"
+SCENARIOS="${SCENARIOS:-healthz consume upload mixed status}"
+BUDGET="${BUDGET:-10}"
+PG_ADMIN_URL="${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+PORT="${PORT:-18087}"
+GROWTH_SIZES="${GROWTH_SIZES:-10000 100000 1000000}"
+RSS_TARGETS="${RSS_TARGETS:-1000000}"
+OUT="${OUT:-/tmp/kps-bench-$(date +%Y%m%d-%H%M%S)}"
+export RUST_LOG="${RUST_LOG:-info}"
+
+SERVER=target/release/keypackage-server
+BENCH=target/release/kps-bench
+URL="http://127.0.0.1:${PORT}"
+SECRET="bench-secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export KPS_JWT_SECRET="$SECRET"
+mkdir -p "$OUT"
+RESULTS="$OUT/results.txt"
+SERVER_PID=""
+PG_DB=""
+
+log() { printf '%s\n' "$*" | tee -a "$RESULTS" >&2; }
+
+cleanup() {
+  stop_server
+  if [[ -n "$PG_DB" ]]; then
+    psql -q "$PG_ADMIN_URL" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup EXIT
+
+build() {
+  if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    cargo build --release -p keypackage-server -p kps-bench >&2
+  fi
+}
+
+machine() {
+  log "# $(date -Is) mode=$MODE"
+  log "# nproc=$(nproc) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\" mem=$(free -g | awk '/Mem:/{print $2}')GiB"
+  log "# load: $(uptime | sed 's/.*load average/load average/')"
+  log "# CONNS=\"$CONNS\" DURATION=$DURATION USERS=$USERS WRITERS=$WRITERS SIZE=$SIZE BUDGET=$BUDGET RUST_LOG=$RUST_LOG"
+}
+
+# A fresh database for $1 (sqlite|postgres); sets DB_URL.
+fresh_db() {
+  if [[ "$1" == sqlite ]]; then
+    DB_URL="sqlite://$OUT/kps.db"
+    rm -f "$OUT"/kps.db*
+  else
+    if [[ -n "$PG_DB" ]]; then
+      psql -q "$PG_ADMIN_URL" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null
+    fi
+    PG_DB="kps_bench_$$"
+    psql -q "$PG_ADMIN_URL" -c "CREATE DATABASE $PG_DB" >/dev/null
+    DB_URL="${PG_ADMIN_URL%/*}/$PG_DB"
+  fi
+}
+
+start_server() {
+  KPS_LISTEN_ADDR="127.0.0.1:$PORT" DATABASE_URL="$DB_URL" KPS_DATA_DIR="$OUT/data" \
+    KPS_CONSUME_LIMIT_PER_MINUTE="$BUDGET" \
+    "$SERVER" >>"$OUT/server.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 100); do
+    if curl -fs "$URL/healthz" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || { tail -5 "$OUT/server.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "the server did not become ready" >&2
+  exit 1
+}
+
+stop_server() {
+  if [[ -n "$SERVER_PID" ]]; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+  fi
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+bench_run() { # scenario conns label [extra args]
+  local scenario=$1 conns=$2 label=$3
+  shift 3
+  "$BENCH" run "$scenario" --url "$URL" -c "$conns" -d "$DURATION" --warmup "$WARMUP" \
+    --users "$USERS" --writers "$WRITERS" --size "$SIZE" --label "$label" \
+    --server-pid "$SERVER_PID" "$@" | tee -a "$RESULTS"
+}
+
+store_ceiling() { # scenario conns label [extra args]
+  local scenario=$1 conns=$2 label=$3
+  shift 3
+  "$BENCH" ceiling "$scenario" --database-url "$DB_URL" --budget-per-minute "$BUDGET" \
+    -c "$conns" -d "$DURATION" --warmup "$WARMUP" --users "$USERS" --writers "$WRITERS" \
+    --size "$SIZE" --label "$label" "$@" | tee -a "$RESULTS"
+}
+
+# pgbench with the store's SQL; prints a RESULT line with ops/s (2 per mixed transaction).
+pgbench_ceiling() { # scenario conns label
+  local scenario=$1 conns=$2 label=$3
+  local interval=$((60000 / BUDGET))
+  local window=$((interval * BUDGET))
+  local dir="$OUT/pgbench-$scenario-$conns"
+  rm -rf "$dir" && mkdir -p "$dir"
+  local bench_bin
+  bench_bin="$(pwd)/$BENCH"
+  (cd "$dir" && "$bench_bin" cpu --db-name "$PG_DB" -- pgbench -n -M prepared -c "$conns" -j 2 \
+    -T "$DURATION" -l -D users="$USERS" -D writers="$WRITERS" -D interval="$interval" \
+    -D window="$window" -f "$OUT/pgbench/$scenario.sql" "${DB_URL}" >"$dir/out.txt" 2>&1) || {
+    cat "$dir/out.txt" >&2
+    return 1
+  }
+  local tps failed per db_cpu
+  tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$dir/out.txt" | head -n1)
+  failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$dir/out.txt")
+  db_cpu=$(sed -n 's/^CPU db_cpu_s=\([0-9.]*\).*/\1/p' "$dir/out.txt")
+  per=1
+  [[ "$scenario" == mixed ]] && per=2
+  # Transaction latencies (µs, column 3 of the per-transaction log) for the percentiles.
+  local pct
+  pct=$(cat "$dir"/pgbench_log.* | awk '{print $3}' | sort -n | awk '
+    { v[NR] = $1 }
+    END { if (NR == 0) { print "p50_ms=0 p99_ms=0 p999_ms=0"; exit }
+          printf "p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f", v[int(NR*0.5)+1]/1000, v[int(NR*0.99)+1]/1000, v[int(NR*0.999)+1]/1000 }')
+  rm -f "$dir"/pgbench_log.*
+  local line
+  line="RESULT label=$label scenario=$scenario op=all conns=$conns rps=$(awk -v t="$tps" -v p="$per" 'BEGIN{printf "%.1f", t*p}') tps=$tps $pct failed=${failed:-0} db_cpu_us=$(awk -v c="$db_cpu" -v t="$tps" -v p="$per" -v d="$DURATION" 'BEGIN{ if (t > 0) printf "%.1f", c*1e6/(t*p*d); else print 0 }')"
+  echo "== $label $scenario | $conns connections | pgbench -M prepared -j 2 | tps $tps (x$per ops)" | tee -a "$RESULTS"
+  echo "$line" | tee -a "$RESULTS"
+}
+
+scenarios() { # backend
+  local backend=$1
+  fresh_db "$backend"
+  log "## $backend: seeding $USERS users x 10 packages ($SIZE B) into $DB_URL"
+  "$BENCH" seed --database-url "$DB_URL" --users "$USERS" --size "$SIZE" 2>&1 | tail -n1 | tee -a "$RESULTS"
+  local db_args=()
+  if [[ "$backend" == postgres ]]; then
+    db_args=(--db-comm postgres --db-name "$PG_DB")
+    "$BENCH" pgbench-scripts --source src/store/postgres.rs --out "$OUT/pgbench" --size "$SIZE"
+  fi
+  start_server
+  log "## server pid $SERVER_PID, $(grep -m1 'ready to serve' "$OUT/server.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-160)"
+  for conns in $CONNS; do
+    for scenario in $SCENARIOS; do
+      bench_run "$scenario" "$conns" "$backend" "${db_args[@]}"
+      [[ "$scenario" == healthz ]] && continue
+      if [[ "$backend" == postgres ]]; then
+        store_ceiling "$scenario" "$conns" "$backend" "${db_args[@]}"
+        if [[ "$scenario" != status ]]; then
+          pgbench_ceiling "$scenario" "$conns" "$backend-pgbench"
+        fi
+      else
+        store_ceiling "$scenario" "$conns" "$backend"
+      fi
+    done
+  done
+  stop_server
+  log ""
+  log "## $backend ratios (server over HTTP / ceiling), ops/s"
+  for conns in $CONNS; do
+    for scenario in $SCENARIOS; do
+      [[ "$scenario" == healthz ]] && continue
+      local server store pg
+      server=$(grep "^RESULT label=$backend scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+      store=$(grep "^RESULT label=$backend-ceiling scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+      if [[ "$backend" == postgres && "$scenario" != status ]]; then
+        pg=$(grep "^RESULT label=$backend-pgbench scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+        log "RATIO $backend $scenario c=$conns server=$server store_in_process=$store pgbench=$pg server/pgbench=$(ratio "$server" "$pg") server/store=$(ratio "$server" "$store")"
+      else
+        log "RATIO $backend $scenario c=$conns server=$server store_in_process=$store server/store=$(ratio "$server" "$store")"
+      fi
+    done
+  done
+}
+
+growth() { # backend
+  local backend=$1 previous=0
+  fresh_db "$backend"
+  local db_args=()
+  [[ "$backend" == postgres ]] && db_args=(--db-comm postgres --db-name "$PG_DB")
+  local conns
+  conns="${CONNS%% *}"
+  for n in $GROWTH_SIZES; do
+    log "## $backend growth: seeding users $previous..$n x 10 packages"
+    "$BENCH" seed --database-url "$DB_URL" --start "$previous" --users $((n - previous)) --size "$SIZE" \
+      2>&1 | tail -n1 | tee -a "$RESULTS"
+    previous=$n
+    start_server
+    # Each user is visited at most 3 times, so inventories never run dry and the budget of
+    # 10 per minute never refuses.
+    "$BENCH" run consume --url "$URL" -c "$conns" -d "$DURATION" --warmup 1 \
+      --max-requests $((n * 3)) --users "$n" --writers 1000 --label "growth-$n" \
+      --server-pid "$SERVER_PID" "${db_args[@]}" | tee -a "$RESULTS"
+    stop_server
+  done
+  if [[ "$RSS_TARGETS" -gt 0 ]]; then
+  log "## $backend: server RSS while $RSS_TARGETS distinct targets are requested (fresh server)"
+  start_server
+  sleep 1
+  "$BENCH" run consume --url "$URL" -c "$conns" -d 600 --warmup 0 \
+    --max-requests "$RSS_TARGETS" --users "$RSS_TARGETS" --writers 1000 --label "rss-$RSS_TARGETS" \
+    --server-pid "$SERVER_PID" "${db_args[@]}" | tee -a "$RESULTS"
+  stop_server
+  fi
+  log ""
+  log "## $backend growth summary (consume, $conns connections)"
+  for n in $GROWTH_SIZES; do
+    grep "^RESULT label=growth-$n scenario=consume op=consume " "$RESULTS" | tail -n1 \
+      | sed -n "s/.* rps=\([0-9.]*\) p50_ms=\([0-9.]*\) p99_ms=\([0-9.]*\).*/GROWTH $backend users=$n rps=\1 p50_ms=\2 p99_ms=\3/p" \
+      | tee -a "$RESULTS" >&2
+  done
+}
+
+build
+machine
+case "$MODE" in
+  sqlite | postgres) scenarios "$MODE" ;;
+  both) scenarios sqlite && scenarios postgres ;;
+  growth) growth "${2:-sqlite}" ;;
+  *) echo "usage: bench/run.sh [sqlite|postgres|both] | growth [sqlite|postgres]" >&2; exit 2 ;;
+esac
+log "# load at the end: $(uptime | sed 's/.*load average/load average/')"
+log "# results: $RESULTS"
+grep -E '^(RATIO|GROWTH)' "$RESULTS" >&2 || true
