@@ -346,6 +346,18 @@ impl TestApp {
         decode(response).await
     }
 
+    /// Consumes `target`'s packages as "alice", expecting exactly `expected`, in this order.
+    pub async fn assert_hands_out(&self, target: &str, expected: &[Vec<u8>]) {
+        for (i, want) in expected.iter().enumerate() {
+            let got = self
+                .consume("alice", target)
+                .await
+                .key_package_data
+                .to_vec();
+            assert_eq!(&got, want, "hand-out {i} of {target}");
+        }
+    }
+
     /// The caller's own status.
     pub async fn status(&self, user: &str) -> KeyPackageStatus {
         let response = self

@@ -55,18 +55,8 @@ async fn upload_accepts_proto3_json_with_lower_camel_case_names_and_base64_bytes
     assert_eq!(status.regular_count, 2);
     assert!(status.has_last_resort);
     assert_eq!(status.signing_key_fingerprint, fingerprint('a'));
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("r1")
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("r2")
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("lr!")
-    );
+    app.assert_hands_out("bob", &[kp("r1"), kp("r2"), kp("lr!")])
+        .await;
 }
 
 #[tokio::test]
@@ -390,12 +380,6 @@ async fn json_uploads_accept_url_safe_and_unpadded_base64() {
             response.text().await
         );
     }
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        first
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        second
-    );
+    app.assert_hands_out("bob", &[first.to_vec(), second.to_vec()])
+        .await;
 }

@@ -95,14 +95,7 @@ async fn upload_accepts_key_packages_of_exactly_4_and_exactly_16384_bytes() {
         )
         .await;
     assert_eq!(status.regular_count, 2);
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        smallest
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        largest
-    );
+    app.assert_hands_out("bob", &[smallest, largest]).await;
 }
 
 #[tokio::test]
@@ -205,18 +198,8 @@ async fn upload_with_one_invalid_entry_stores_nothing_of_the_request() {
     problem(response, 400, "invalid_key_package").await;
     assert_unchanged(&app, "bob", &before, Some(&fingerprint('a'))).await;
     // The held packages, in their order, and the old last-resort one are all that is there.
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("held-1")
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("held-2")
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("held-lr")
-    );
+    app.assert_hands_out("bob", &[kp("held-1"), kp("held-2"), kp("held-lr")])
+        .await;
 }
 
 #[tokio::test]
@@ -345,14 +328,7 @@ async fn a_retried_upload_changes_nothing() {
     let second = app.upload("bob", &entries, &fingerprint('a')).await;
     assert_eq!(second, first);
     assert_eq!(app.fingerprint("bob", "bob").await.updated_at, updated_at);
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("r1")
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("r2")
-    );
+    app.assert_hands_out("bob", &[kp("r1"), kp("r2")]).await;
     let fallback = app.consume("alice", "bob").await;
     assert!(
         fallback.is_last_resort,
@@ -379,14 +355,7 @@ async fn upload_skips_entries_identical_to_held_packages_or_to_earlier_entries()
         )
         .await;
     assert_eq!(status.regular_count, 2);
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("r1")
-    );
-    assert_eq!(
-        app.consume("alice", "bob").await.key_package_data.to_vec(),
-        kp("r2")
-    );
+    app.assert_hands_out("bob", &[kp("r1"), kp("r2")]).await;
     let fallback = app.consume("alice", "bob").await;
     assert!(fallback.is_last_resort);
     assert_eq!(fallback.key_package_data.to_vec(), kp("lr"));
