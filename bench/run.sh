@@ -166,7 +166,7 @@ scenarios() { # backend
   local db_args=()
   if [[ "$backend" == postgres ]]; then
     db_args=(--db-comm postgres --db-name "$PG_DB")
-    "$BENCH" pgbench-scripts --source src/store/postgres.rs --out "$OUT/pgbench" --size "$SIZE"
+    "$BENCH" pgbench-scripts --out "$OUT/pgbench" --size "$SIZE"
   fi
   start_server
   log "## server pid $SERVER_PID, $(grep -m1 'ready to serve' "$OUT/server.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-160)"

@@ -15,9 +15,9 @@ use crate::{
     auth::Authenticator,
     error::ApiError,
     metrics::Metrics,
-    rate_limit::ConsumeLimiter,
+    rate_limit::{self, Budget, ConsumeLimiter},
     routes,
-    store::{Budget, KeyPackageStore},
+    store::KeyPackageStore,
 };
 
 /// Limits and budgets the request path enforces.
@@ -149,8 +149,9 @@ pub async fn serve(
     };
     use tower::ServiceExt;
 
-    let pruning = state.limiter.spawn_pruning(Duration::from_secs(30));
-    let budgets = spawn_budget_pruning(state.store.clone());
+    let pruning = state.limiter.spawn_pruning(rate_limit::LIMITER_PRUNE_EVERY);
+    let budgets =
+        rate_limit::spawn_budget_pruning(state.store.clone(), rate_limit::BUDGET_PRUNE_EVERY);
     let app = router(state);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -187,18 +188,4 @@ pub async fn serve(
     pruning.abort();
     budgets.abort();
     Ok(())
-}
-
-/// Drops fully refilled consumption budgets from the database once a minute.
-fn spawn_budget_pruning(store: Arc<dyn KeyPackageStore>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if let Err(e) = store.prune_budgets(crate::clock::unix_millis()).await {
-                tracing::warn!(error = %e, "pruning consumption budgets failed");
-            }
-        }
-    })
 }

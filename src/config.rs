@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     app::Limits,
     auth::{Authenticator, VerifyingKey},
-    store::{Budget, ConnectOptions},
+    rate_limit::Budget,
+    store::ConnectOptions,
 };
 
 /// Stores and hands out MLS key packages.

@@ -1,6 +1,6 @@
-//! The per-target consumption limiter: a tower-governor layer keyed by the target user id in
-//! the path. It is each process's cheap local shield; the budget shared by all processes on one
-//! database is charged by the store in the consumption transaction.
+//! The consumption budget: one GCRA [`Budget`], charged by the store in the consumption
+//! transaction (shared by every process on one database), a per-process tower-governor pre-check
+//! keyed by the target user id in the path, and the pruning that keeps both small.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,7 +16,76 @@ use tower_governor::{
     GovernorError, GovernorLayer,
 };
 
-use crate::{error::ApiError, key_package::UserId, store::Budget};
+use crate::{clock, error::ApiError, key_package::UserId, store::KeyPackageStore};
+
+/// A per-target consumption budget: a GCRA bucket of `burst` requests refilling one every
+/// `interval`. The store charges it atomically with the hand-out; [`ConsumeLimiter`] applies
+/// the same budget in memory first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Requests allowed at once when the bucket is full.
+    pub burst: u32,
+    /// Time to refill one request.
+    pub interval: Duration,
+}
+
+impl Budget {
+    /// A budget of `per_minute` requests per minute, all of them available at once.
+    pub fn per_minute(per_minute: u32) -> Self {
+        let per_minute = per_minute.max(1);
+        Self {
+            burst: per_minute,
+            interval: Duration::from_secs(60) / per_minute,
+        }
+    }
+
+    /// GCRA decision. `tat` is the stored theoretical arrival time (ms since the epoch, or `None`
+    /// if the target has no state); returns the new `tat` to store, or the time to wait.
+    pub fn decide(&self, tat: Option<i64>, now_ms: i64) -> Result<i64, Duration> {
+        let interval = self.interval_ms();
+        let new_tat = tat.unwrap_or(now_ms).max(now_ms) + interval;
+        let allowed_until = now_ms + self.window_ms();
+        if new_tat <= allowed_until {
+            Ok(new_tat)
+        } else {
+            Err(Duration::from_millis((new_tat - allowed_until) as u64))
+        }
+    }
+
+    /// The refill interval in milliseconds (at least 1).
+    pub fn interval_ms(&self) -> i64 {
+        (self.interval.as_millis() as i64).max(1)
+    }
+
+    /// How far ahead of now a target's `tat` may run: `burst` intervals.
+    pub fn window_ms(&self) -> i64 {
+        self.interval_ms() * i64::from(self.burst)
+    }
+}
+
+/// How often the in-process limiter forgets refilled targets.
+pub const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+/// How often refilled budget rows are dropped from the database.
+pub const BUDGET_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Drops fully refilled consumption budgets from the database every `every`, so the table stays
+/// as small as the set of recently consumed targets.
+pub fn spawn_budget_pruning(
+    store: std::sync::Arc<dyn KeyPackageStore>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = store.prune_budgets(clock::unix_millis()).await {
+                tracing::warn!(error = %e, "pruning consumption budgets failed");
+            }
+        }
+    })
+}
 
 /// Path prefix of the consumption route; the rest of the path is the target user id.
 const CONSUME_PREFIX: &str = "/api/v1/key-packages/";
@@ -88,9 +157,7 @@ impl ConsumeLimiter {
     /// Forgets targets whose bucket has refilled, so memory follows the recently active set
     /// rather than every target ever asked for.
     pub fn prune(&self) {
-        let limiter = self.limiter();
-        limiter.retain_recent();
-        limiter.shrink_to_fit();
+        prune(self.limiter());
     }
 
     /// Prunes every `every` until the runtime stops.
@@ -101,12 +168,15 @@ impl ConsumeLimiter {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let limiter = config.limiter();
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
+                prune(config.limiter());
             }
         })
     }
+}
+
+fn prune(limiter: &Limiter) {
+    limiter.retain_recent();
+    limiter.shrink_to_fit();
 }
 
 fn error_response(error: GovernorError) -> Response<Body> {
@@ -124,6 +194,33 @@ fn error_response(error: GovernorError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_allows_a_burst_then_one_per_interval() {
+        let b = Budget::per_minute(10);
+        assert_eq!(b.interval, Duration::from_secs(6));
+        let mut tat = None;
+        let now = 1_000_000;
+        for _ in 0..10 {
+            tat = Some(b.decide(tat, now).expect("within burst"));
+        }
+        let wait = b.decide(tat, now).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(6));
+        assert!(b.decide(tat, now + 5_999).is_err());
+        let after = b.decide(tat, now + 6_000).expect("one refilled");
+        assert!(b.decide(Some(after), now + 6_000).is_err());
+    }
+
+    #[test]
+    fn budget_state_older_than_now_is_a_full_bucket() {
+        let b = Budget::per_minute(3);
+        let now = 50_000;
+        let mut tat = Some(now - 1_000_000);
+        for _ in 0..3 {
+            tat = Some(b.decide(tat, now).unwrap());
+        }
+        assert!(b.decide(tat, now).is_err());
+    }
 
     #[test]
     fn target_user_is_percent_decoded_and_validated() {

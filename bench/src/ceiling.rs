@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use keypackage_server::{
     clock,
     key_package::{Upload, UserId},
-    store::{self, Budget, ConnectOptions, ConsumeOutcome, KeyPackageStore},
+    rate_limit::Budget,
+    store::{self, ConnectOptions, ConsumeOutcome, KeyPackageStore},
 };
 
 use crate::{
@@ -18,23 +19,23 @@ use crate::{
 };
 
 /// Settings of a ceiling run.
-pub struct Ceiling {
+pub(crate) struct Ceiling {
     /// Database URL (the same file or database the server uses).
-    pub url: String,
+    pub(crate) url: String,
     /// Pool size, as the server's `KPS_DB_MAX_CONNECTIONS`.
-    pub pool: u32,
+    pub(crate) pool: u32,
     /// Consumption budget per minute, as the server's `KPS_CONSUME_LIMIT_PER_MINUTE`.
-    pub budget_per_minute: u32,
+    pub(crate) budget_per_minute: u32,
     /// Seeded users (consumption targets).
-    pub users: u64,
+    pub(crate) users: u64,
     /// Writers (uploaders).
-    pub writers: u64,
+    pub(crate) writers: u64,
     /// Size of uploaded packages.
-    pub package_size: usize,
+    pub(crate) package_size: usize,
 }
 
 /// Runs `scenario` against the store directly.
-pub async fn run(ceiling: Ceiling, scenario: Scenario, plan: Plan) -> Result<Report> {
+pub(crate) async fn run(ceiling: Ceiling, scenario: Scenario, plan: Plan) -> Result<Report> {
     let mut options = ConnectOptions::new(ceiling.url.clone());
     options.max_connections = ceiling.pool;
     let store = store::connect(&options).await.context("open the store")?;

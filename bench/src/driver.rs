@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// Shared by the driver and its workers.
-pub struct Control {
+pub(crate) struct Control {
     recording: AtomicBool,
     stop: AtomicBool,
     issued: AtomicU64,
@@ -29,7 +29,7 @@ pub struct Control {
 
 impl Control {
     /// The number of the next operation, or `None` once the run is over.
-    pub fn next(&self) -> Option<u64> {
+    pub(crate) fn next(&self) -> Option<u64> {
         if self.stop.load(Ordering::Relaxed) {
             return None;
         }
@@ -44,7 +44,7 @@ impl Control {
     /// Waits until operation `k` is due and returns the time it was due, from which its latency
     /// counts (so a late start is charged to the server: no coordinated omission); without a
     /// target rate, returns now.
-    pub async fn due(&self, k: u64) -> Instant {
+    pub(crate) async fn due(&self, k: u64) -> Instant {
         match self.pacing {
             Some((origin, rate)) => {
                 let due = origin + Duration::from_secs_f64(k as f64 / rate);
@@ -56,44 +56,44 @@ impl Control {
     }
 
     /// Whether an operation finishing now falls in the measured window.
-    pub fn recording(&self) -> bool {
+    pub(crate) fn recording(&self) -> bool {
         self.recording.load(Ordering::Relaxed)
     }
 }
 
 /// Per-worker results: statistics by operation name.
-pub type WorkerStats = BTreeMap<&'static str, OpStats>;
+pub(crate) type WorkerStats = BTreeMap<&'static str, OpStats>;
 
 /// How long and how hard to run, and what to watch.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Printed with every result line.
-    pub label: String,
+    pub(crate) label: String,
     /// Scenario name.
-    pub scenario: String,
+    pub(crate) scenario: String,
     /// Concurrent workers.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Unmeasured time before the window opens.
-    pub warmup: Duration,
+    pub(crate) warmup: Duration,
     /// Length of the measured window (at most).
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Operations issued in all, warm-up included (at most).
-    pub max_requests: u64,
+    pub(crate) max_requests: u64,
     /// Operations per second to issue in all (open loop, spread over the connections); `None`
     /// issues each connection's next operation as soon as the previous one answers.
-    pub rate: Option<f64>,
+    pub(crate) rate: Option<f64>,
     /// The server's pid: its CPU time and RSS are reported.
-    pub server_pid: Option<u32>,
+    pub(crate) server_pid: Option<u32>,
     /// Command name of the database's processes (`postgres`): their CPU time is reported.
-    pub db_comm: Option<String>,
+    pub(crate) db_comm: Option<String>,
     /// Only count the backends of this database (and the shared helper processes).
-    pub db_name: Option<String>,
+    pub(crate) db_name: Option<String>,
     /// Outcomes that count as success.
-    pub ok: Vec<&'static str>,
+    pub(crate) ok: Vec<&'static str>,
 }
 
 /// Runs `connections` workers made by `worker` under `plan` and reports the measured window.
-pub async fn drive<W, F>(plan: Plan, worker: W) -> Report
+pub(crate) async fn drive<W, F>(plan: Plan, worker: W) -> Report
 where
     W: Fn(usize, Arc<Control>) -> F,
     F: Future<Output = WorkerStats> + Send + 'static,

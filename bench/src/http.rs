@@ -23,7 +23,7 @@ use crate::{
 
 /// What the workers send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// Consume one package of a target, targets scattered over all seeded users.
     Consume,
     /// Upload one new package for a user who already holds 10 (so the cap trims one).
@@ -38,7 +38,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// The name used in reports.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Consume => "consume",
             Self::Upload => "upload",
@@ -50,23 +50,23 @@ impl Scenario {
 }
 
 /// Everything a worker needs to build its requests.
-pub struct Workload {
+pub(crate) struct Workload {
     /// Scenario.
-    pub scenario: Scenario,
+    pub(crate) scenario: Scenario,
     /// Users `0..users` are seeded; consumption targets are scattered over all of them.
-    pub targets: Spread,
+    pub(crate) targets: Spread,
     /// Writers (uploaders, status callers, mixed targets) are users `0..tokens.len()`.
-    pub writers: Spread,
+    pub(crate) writers: Spread,
     /// `Authorization` values of the writers; callers of consumptions use them too.
-    pub tokens: Vec<HeaderValue>,
+    pub(crate) tokens: Vec<HeaderValue>,
     /// Fingerprints of the writers.
-    pub fingerprints: Vec<String>,
+    pub(crate) fingerprints: Vec<String>,
     /// Size of uploaded packages.
-    pub package_size: usize,
+    pub(crate) package_size: usize,
     /// Makes uploaded packages of this run unique across runs.
-    pub nonce: u64,
+    pub(crate) nonce: u64,
     /// `Host` header value.
-    pub host: HeaderValue,
+    pub(crate) host: HeaderValue,
 }
 
 impl Workload {
@@ -158,7 +158,7 @@ async fn connect(addr: SocketAddr) -> Result<Sender> {
 }
 
 /// Parses `http://host:port` into a socket address; only loopback addresses are accepted.
-pub fn loopback_addr(url: &str) -> Result<SocketAddr> {
+pub(crate) fn loopback_addr(url: &str) -> Result<SocketAddr> {
     let rest = url
         .strip_prefix("http://")
         .context("the server URL must start with http://")?;
@@ -174,7 +174,7 @@ pub fn loopback_addr(url: &str) -> Result<SocketAddr> {
 }
 
 /// One closed-loop worker on its own keep-alive connection.
-pub async fn worker(
+pub(crate) async fn worker(
     addr: SocketAddr,
     workload: Arc<Workload>,
     control: Arc<Control>,

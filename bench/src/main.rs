@@ -91,9 +91,6 @@ enum Command {
 /// Where the pgbench scripts come from and go.
 #[derive(Debug, Args)]
 struct PgbenchArgs {
-    /// The Postgres store's source, whose SQL the scripts carry verbatim.
-    #[arg(long, default_value = "src/store/postgres.rs")]
-    source: std::path::PathBuf,
     /// Directory to write consume.sql, upload.sql and mixed.sql into.
     #[arg(long)]
     out: std::path::PathBuf,
@@ -299,16 +296,19 @@ async fn run(command: Command) -> Result<()> {
                     }
                 }
             };
-            println!(
-                "CPU db_cpu_s={:.3} wall_s={:.3} status={}",
-                usage.total().as_secs_f64(),
-                started.elapsed().as_secs_f64(),
-                status.code().unwrap_or(-1)
-            );
+            #[allow(clippy::print_stdout)]
+            {
+                println!(
+                    "CPU db_cpu_s={:.3} wall_s={:.3} status={}",
+                    usage.total().as_secs_f64(),
+                    started.elapsed().as_secs_f64(),
+                    status.code().unwrap_or(-1)
+                );
+            }
             anyhow::ensure!(status.success(), "{} failed", command[0]);
             Ok(())
         }
-        Command::PgbenchScripts(args) => pgbench::write_scripts(&args.source, &args.out, args.size),
+        Command::PgbenchScripts(args) => pgbench::write_scripts(&args.out, args.size),
         Command::Ceiling {
             scenario,
             database_url,

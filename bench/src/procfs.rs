@@ -19,7 +19,7 @@ fn ticks_per_second() -> u64 {
 }
 
 /// User plus system CPU time a process has used so far; `None` when it is gone.
-pub fn cpu_time(pid: u32) -> Option<Duration> {
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces; the fields after the last ')' are fixed.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -32,12 +32,12 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 }
 
 /// CPU time of this process.
-pub fn own_cpu_time() -> Duration {
+pub(crate) fn own_cpu_time() -> Duration {
     cpu_time(std::process::id()).unwrap_or_default()
 }
 
 /// Resident set size in bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -48,7 +48,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 /// `database` is given, either serve that database (a backend's title names it) or serve no
 /// client at all (the WAL writer, checkpointer and other shared helpers), so that backends of
 /// other databases on the same server are not counted.
-pub fn database_pids(comm: &str, database: Option<&str>) -> Vec<u32> {
+pub(crate) fn database_pids(comm: &str, database: Option<&str>) -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -73,11 +73,11 @@ pub fn database_pids(comm: &str, database: Option<&str>) -> Vec<u32> {
 /// CPU time of a set of processes, remembered per pid so that a later reading can be
 /// compared with this one over the processes present both times.
 #[derive(Clone, Debug, Default)]
-pub struct CpuSnapshot(Vec<(u32, Duration)>);
+pub(crate) struct CpuSnapshot(Vec<(u32, Duration)>);
 
 impl CpuSnapshot {
     /// Reads the CPU time of each pid that still exists.
-    pub fn take(pids: &[u32]) -> Self {
+    pub(crate) fn take(pids: &[u32]) -> Self {
         Self(
             pids.iter()
                 .filter_map(|&p| Some((p, cpu_time(p)?)))
@@ -86,7 +86,7 @@ impl CpuSnapshot {
     }
 
     /// CPU used since `earlier` by the processes present in both snapshots.
-    pub fn since(&self, earlier: &Self) -> Duration {
+    pub(crate) fn since(&self, earlier: &Self) -> Duration {
         self.0
             .iter()
             .filter_map(|(pid, now)| {
@@ -101,14 +101,14 @@ impl CpuSnapshot {
 /// count from their baseline, later ones from zero, and each keeps its last sampled value after
 /// it exits.
 #[derive(Debug)]
-pub struct CpuUsage {
+pub(crate) struct CpuUsage {
     baseline: CpuSnapshot,
     last: Vec<(u32, Duration)>,
 }
 
 impl CpuUsage {
     /// Starts counting from `baseline`.
-    pub fn new(baseline: CpuSnapshot) -> Self {
+    pub(crate) fn new(baseline: CpuSnapshot) -> Self {
         Self {
             baseline,
             last: Vec::new(),
@@ -116,7 +116,7 @@ impl CpuUsage {
     }
 
     /// Records the current CPU time of `pids`.
-    pub fn sample(&mut self, pids: &[u32]) {
+    pub(crate) fn sample(&mut self, pids: &[u32]) {
         for &pid in pids {
             let Some(now) = cpu_time(pid) else { continue };
             match self.last.iter_mut().find(|(p, _)| *p == pid) {
@@ -127,7 +127,7 @@ impl CpuUsage {
     }
 
     /// CPU used since the baseline.
-    pub fn total(&self) -> Duration {
+    pub(crate) fn total(&self) -> Duration {
         self.last
             .iter()
             .map(|(pid, now)| {

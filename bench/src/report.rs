@@ -7,11 +7,11 @@ use hdrhistogram::Histogram;
 
 /// What one kind of operation did during the measured window.
 #[derive(Clone)]
-pub struct OpStats {
+pub(crate) struct OpStats {
     /// Latency in microseconds.
-    pub latency: Histogram<u64>,
+    pub(crate) latency: Histogram<u64>,
     /// Outcomes by name (HTTP status, or `io`/`timeout` for transport failures).
-    pub outcomes: BTreeMap<String, u64>,
+    pub(crate) outcomes: BTreeMap<String, u64>,
 }
 
 impl Default for OpStats {
@@ -26,7 +26,7 @@ impl Default for OpStats {
 
 impl OpStats {
     /// Records one finished operation.
-    pub fn record(&mut self, latency: Duration, outcome: &str) {
+    pub(crate) fn record(&mut self, latency: Duration, outcome: &str) {
         let micros = (latency.as_micros() as u64).clamp(1, 60_000_000);
         self.latency.saturating_record(micros);
         match self.outcomes.get_mut(outcome) {
@@ -38,7 +38,7 @@ impl OpStats {
     }
 
     /// Folds another worker's numbers into these.
-    pub fn merge(&mut self, other: &Self) {
+    pub(crate) fn merge(&mut self, other: &Self) {
         let _ = self.latency.add(&other.latency);
         for (k, v) in &other.outcomes {
             *self.outcomes.entry(k.clone()).or_default() += v;
@@ -46,12 +46,12 @@ impl OpStats {
     }
 
     /// Operations recorded.
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.latency.len()
     }
 
     /// Operations whose outcome is not in `ok`.
-    pub fn errors(&self, ok: &[&str]) -> u64 {
+    pub(crate) fn errors(&self, ok: &[&str]) -> u64 {
         self.outcomes
             .iter()
             .filter(|(k, _)| !ok.contains(&k.as_str()))
@@ -66,38 +66,38 @@ impl OpStats {
 
 /// CPU and memory observed over the measured window.
 #[derive(Clone, Debug, Default)]
-pub struct Costs {
+pub(crate) struct Costs {
     /// CPU used by the server process, if its pid was given.
-    pub server_cpu: Option<Duration>,
+    pub(crate) server_cpu: Option<Duration>,
     /// CPU used by the database processes, if their name was given.
-    pub db_cpu: Option<Duration>,
+    pub(crate) db_cpu: Option<Duration>,
     /// CPU used by this load generator.
-    pub client_cpu: Duration,
+    pub(crate) client_cpu: Duration,
     /// Server RSS before the load started, and its peak and last value during it.
-    pub rss: Option<(u64, u64, u64)>,
+    pub(crate) rss: Option<(u64, u64, u64)>,
 }
 
 /// Everything one run measured.
-pub struct Report {
+pub(crate) struct Report {
     /// Free-form label printed with every result line.
-    pub label: String,
+    pub(crate) label: String,
     /// Scenario name.
-    pub scenario: String,
+    pub(crate) scenario: String,
     /// Concurrent connections or tasks.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Length of the measured window.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// Per operation kind.
-    pub ops: BTreeMap<&'static str, OpStats>,
+    pub(crate) ops: BTreeMap<&'static str, OpStats>,
     /// What the window cost.
-    pub costs: Costs,
+    pub(crate) costs: Costs,
     /// Outcomes that count as success.
-    pub ok: Vec<&'static str>,
+    pub(crate) ok: Vec<&'static str>,
 }
 
 impl Report {
     /// Prints the human-readable table and the `RESULT` lines.
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         let total: u64 = self.ops.values().map(OpStats::count).sum();
         let mut out = String::new();
@@ -193,6 +193,10 @@ impl Report {
             self.connections,
             total as f64 / secs
         );
-        print!("{out}");
+        // The report is this program's output.
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{out}");
+        }
     }
 }

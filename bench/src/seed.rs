@@ -36,21 +36,21 @@ use crate::workload::{self, digest, fingerprint, package, user_id};
 
 /// What to seed.
 #[derive(Clone, Copy, Debug)]
-pub struct Population {
+pub(crate) struct Population {
     /// First user index.
-    pub start: u64,
+    pub(crate) start: u64,
     /// Users to create.
-    pub users: u64,
+    pub(crate) users: u64,
     /// Regular packages per user.
-    pub packages: u32,
+    pub(crate) packages: u32,
     /// Whether each user also gets a last-resort package.
-    pub last_resort: bool,
+    pub(crate) last_resort: bool,
     /// Bytes per package.
-    pub size: usize,
+    pub(crate) size: usize,
 }
 
 /// Seeds directly into the database `url` names, creating the schema first.
-pub async fn seed_sql(url: &str, population: Population) -> Result<()> {
+pub(crate) async fn seed_sql(url: &str, population: Population) -> Result<()> {
     // The server's own migrations, so the schema is exactly what it expects.
     drop(
         store::connect(&ConnectOptions::new(url))
@@ -205,7 +205,7 @@ async fn seed_postgres(url: &str, p: Population) -> Result<()> {
 
 /// Seeds through the HTTP API: each user uploads its packages in one request with its own
 /// token, `connections` users at a time.
-pub async fn seed_http(
+pub(crate) async fn seed_http(
     addr: SocketAddr,
     secret: &str,
     population: Population,

@@ -11,18 +11,18 @@ use keypackage_server::{
 use sha2::{Digest, Sha256};
 
 /// The id of the `i`-th synthetic user.
-pub fn user_id(i: u64) -> String {
+pub(crate) fn user_id(i: u64) -> String {
     format!("u{i}")
 }
 
 /// The signing-key fingerprint the `i`-th user sends (64 lowercase hex characters).
-pub fn fingerprint(i: u64) -> String {
+pub(crate) fn fingerprint(i: u64) -> String {
     hex::encode(Sha256::digest(format!("fingerprint:{i}")))
 }
 
 /// A key package of exactly `size` bytes (at least enough for its label): the MLS 1.0
 /// `mls_key_package` header, a label that makes it unique, then filler.
-pub fn package(kind: &str, a: u64, b: u64, size: usize) -> Bytes {
+pub(crate) fn package(kind: &str, a: u64, b: u64, size: usize) -> Bytes {
     use std::io::Write;
     let mut v = Vec::with_capacity(size.max(64));
     v.extend_from_slice(&[0x00, 0x01, 0x00, 0x05]);
@@ -39,7 +39,7 @@ pub fn package(kind: &str, a: u64, b: u64, size: usize) -> Bytes {
 }
 
 /// SHA-256 of a package, as the server stores it to recognise duplicates.
-pub fn digest(bytes: &[u8]) -> [u8; 32] {
+pub(crate) fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
@@ -47,7 +47,7 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
 /// `n`, so every user is visited once per `n` requests (the per-target budget is never the limit)
 /// and consecutive requests land far apart in the key space (no cache-friendly runs).
 #[derive(Clone, Copy, Debug)]
-pub struct Spread {
+pub(crate) struct Spread {
     n: u64,
     step: u64,
     offset: u64,
@@ -55,7 +55,7 @@ pub struct Spread {
 
 impl Spread {
     /// A scattered order over `0..n`.
-    pub fn new(n: u64, seed: u64) -> Self {
+    pub(crate) fn new(n: u64, seed: u64) -> Self {
         let n = n.max(1);
         let gcd = |mut a: u64, mut b: u64| {
             while b != 0 {
@@ -75,7 +75,7 @@ impl Spread {
     }
 
     /// The `k`-th user visited.
-    pub fn at(&self, k: u64) -> u64 {
+    pub(crate) fn at(&self, k: u64) -> u64 {
         ((u128::from(self.offset) + u128::from(k) * u128::from(self.step)) % u128::from(self.n))
             as u64
     }
@@ -83,7 +83,7 @@ impl Spread {
 
 /// `Authorization` header values for users `0..n`, signed once up front so that signing costs
 /// the load generator nothing while it runs.
-pub fn bearer_tokens(secret: &str, n: u64, ttl_secs: u64) -> Result<Vec<HeaderValue>> {
+pub(crate) fn bearer_tokens(secret: &str, n: u64, ttl_secs: u64) -> Result<Vec<HeaderValue>> {
     let auth = Authenticator::new(VerifyingKey::Secret(secret.as_bytes().to_vec()), None, None);
     (0..n)
         .map(|i| {

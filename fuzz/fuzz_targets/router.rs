@@ -51,7 +51,7 @@ fn harness() -> &'static Harness {
             .issue(&UserId::parse("fuzzer").expect("id"), 3600)
             .expect("token");
         let limits = Limits {
-            budget: keypackage_server::store::Budget::per_minute(1_000_000),
+            budget: keypackage_server::rate_limit::Budget::per_minute(1_000_000),
             ..Limits::default()
         };
         let state = AppState::new(store, auth, limits);

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// `POST /api/v1/key-packages`: validates the whole request, then stores it atomically.
-pub async fn upload_key_packages(
+pub(crate) async fn upload_key_packages(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Negotiated(format): Negotiated,
@@ -45,7 +45,7 @@ pub async fn upload_key_packages(
 }
 
 /// `GET /api/v1/key-packages`: the caller's own inventory.
-pub async fn key_package_status(
+pub(crate) async fn key_package_status(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Negotiated(format): Negotiated,
@@ -55,7 +55,7 @@ pub async fn key_package_status(
 }
 
 /// `DELETE /api/v1/key-packages`: drops all of the caller's packages, keeps the fingerprint.
-pub async fn delete_key_packages(
+pub(crate) async fn delete_key_packages(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
 ) -> Result<StatusCode, ApiError> {
@@ -66,7 +66,7 @@ pub async fn delete_key_packages(
 
 /// `GET /api/v1/key-packages/{user_id}`: hands out the target's oldest regular package, or its
 /// last-resort one, charging the target's consumption budget.
-pub async fn consume_key_package(
+pub(crate) async fn consume_key_package(
     State(state): State<AppState>,
     AuthUser(caller): AuthUser,
     Negotiated(format): Negotiated,

@@ -11,7 +11,7 @@ use crate::{
 
 /// `GET /api/v1/users/{user_id}/fingerprint`: the current value and when it last changed.
 /// Consumes nothing and is not charged to the consumption budget.
-pub async fn get_fingerprint(
+pub(crate) async fn get_fingerprint(
     State(state): State<AppState>,
     Negotiated(format): Negotiated,
     UserPath(user): UserPath,

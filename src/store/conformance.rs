@@ -1,48 +1,86 @@
 //! Backend-agnostic cases every [`KeyPackageStore`] must pass: the store rules of the contract.
 //!
-//! Each case expects a fresh, empty store and panics on the first broken rule. [`CASES`] lists
-//! them all so a backend's tests can run every one (see `tests/api/store.rs`).
+//! Each case expects a fresh, empty store and panics on the first broken rule. The list of
+//! cases is written once, in [`conformance_tests!`](crate::conformance_tests), which expands
+//! into one `#[tokio::test]` per case for a backend's test module; cases are private, so one
+//! left out of the list fails the build as dead code.
 
 use std::{future::Future, pin::Pin, time::Duration};
 
 use bytes::Bytes;
 
-use super::{Budget, ConsumeOutcome, Consumed, KeyPackageStore, Status};
-use crate::key_package::{Fingerprint, Upload, UserId, MAX_REGULAR_PACKAGES};
+use super::{ConsumeOutcome, Consumed, KeyPackageStore, Status};
+use crate::{
+    key_package::{Fingerprint, Upload, UserId, MAX_REGULAR_PACKAGES},
+    rate_limit::Budget,
+};
 
-/// One conformance case, boxed so that all of them fit in one list.
-pub type Case =
-    for<'a> fn(&'a dyn KeyPackageStore) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        /// Every case with its name, for test code that runs them all.
-        pub const CASES: &[(&str, Case)] =
-            &[$((stringify!($name), |store| Box::pin($name(store)))),*];
+/// Expands into one `#[tokio::test]` per conformance case. `$fresh` is an async fn returning
+/// `Option<(guard, Arc<dyn KeyPackageStore>)>` on a fresh, empty database (`None` skips the
+/// case, e.g. when the backend is not configured); the guard lives until the case ends.
+///
+/// ```ignore
+/// mod sqlite {
+///     keypackage_server::conformance_tests!(crate::fresh_sqlite_store);
+/// }
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($fresh:path) => {
+        $crate::conformance_tests!(@list tests $fresh);
+    };
+    (@list $($mode:tt)*) => {
+        $crate::conformance_tests!(@expand [$($mode)*]
+            status_of_an_unknown_user_is_zeros,
+            regular_packages_are_handed_out_oldest_first,
+            one_upload_of_fifteen_keeps_the_newest_ten,
+            successive_uploads_keep_the_newest_ten,
+            last_resort_is_handed_out_when_no_regular_is_left_and_never_removed,
+            last_resort_handouts_count_only_last_resort_hand_outs,
+            replacing_the_last_resort_resets_its_handouts,
+            entry_identical_to_a_held_regular_package_is_skipped,
+            entry_identical_to_the_held_last_resort_is_skipped,
+            last_resort_entry_identical_to_a_held_regular_package_is_skipped,
+            retried_upload_changes_nothing,
+            fingerprint_is_recorded_with_each_package,
+            fingerprint_updated_at_changes_only_with_the_value,
+            delete_all_removes_every_package_and_keeps_the_fingerprint,
+            users_are_isolated,
+            budget_allows_a_burst_then_rate_limits_until_refilled,
+            rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget,
+            budgets_are_per_target,
+            prune_budgets_removes_only_refilled_state
+        );
+    };
+    (@expand [table] $($case:ident),* $(,)?) => {
+        /// Every case with its name.
+        const CASES: &[(&str, Case)] = &[$((stringify!($case), |store| Box::pin($case(store)))),*];
+    };
+    (@expand [tests $fresh:path] $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let Some((_guard, store)) = $fresh().await else {
+                    return;
+                };
+                $crate::store::conformance::run(stringify!($case), store.as_ref()).await;
+            }
+        )*
     };
 }
 
-cases!(
-    status_of_an_unknown_user_is_zeros,
-    regular_packages_are_handed_out_oldest_first,
-    one_upload_of_fifteen_keeps_the_newest_ten,
-    successive_uploads_keep_the_newest_ten,
-    last_resort_is_handed_out_when_no_regular_is_left_and_never_removed,
-    last_resort_handouts_count_only_last_resort_hand_outs,
-    replacing_the_last_resort_resets_its_handouts,
-    entry_identical_to_a_held_regular_package_is_skipped,
-    entry_identical_to_the_held_last_resort_is_skipped,
-    last_resort_entry_identical_to_a_held_regular_package_is_skipped,
-    retried_upload_changes_nothing,
-    fingerprint_is_recorded_with_each_package,
-    fingerprint_updated_at_changes_only_with_the_value,
-    delete_all_removes_every_package_and_keeps_the_fingerprint,
-    users_are_isolated,
-    budget_allows_a_burst_then_rate_limits_until_refilled,
-    rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget,
-    budgets_are_per_target,
-    prune_budgets_removes_only_refilled_state,
-);
+/// One conformance case, boxed so that all of them fit in one list.
+type Case = for<'a> fn(&'a dyn KeyPackageStore) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+crate::conformance_tests!(@list table);
+
+/// Runs the case called `name` on `store`; an unknown name is a bug in the caller.
+pub async fn run(name: &str, store: &dyn KeyPackageStore) {
+    let Some((_, case)) = CASES.iter().find(|(n, _)| *n == name) else {
+        panic!("no conformance case named {name}");
+    };
+    case(store).await;
+}
 
 /// A fixed "now" for the budget, in ms since the epoch; cases advance it explicitly.
 const NOW_MS: i64 = 1_700_000_000_000;
@@ -182,7 +220,7 @@ async fn assert_empty(store: &dyn KeyPackageStore, who: &str) {
 }
 
 /// A user who never uploaded has zero counts, no fingerprint, and nothing to hand out.
-pub async fn status_of_an_unknown_user_is_zeros(store: &dyn KeyPackageStore) {
+async fn status_of_an_unknown_user_is_zeros(store: &dyn KeyPackageStore) {
     assert_eq!(status(store, "nobody").await, Status::default());
     assert_eq!(
         store
@@ -201,7 +239,7 @@ pub async fn status_of_an_unknown_user_is_zeros(store: &dyn KeyPackageStore) {
 
 /// Regular packages come out oldest first: request order within an upload, upload order
 /// across uploads; each is removed as it is handed out.
-pub async fn regular_packages_are_handed_out_oldest_first(store: &dyn KeyPackageStore) {
+async fn regular_packages_are_handed_out_oldest_first(store: &dyn KeyPackageStore) {
     put(store, "bob", &upload(&["a", "b", "c"], None, None)).await;
     put(store, "bob", &upload(&["d", "e"], None, None)).await;
     assert_eq!(status(store, "bob").await.regular_count, 5);
@@ -213,7 +251,7 @@ pub async fn regular_packages_are_handed_out_oldest_first(store: &dyn KeyPackage
 
 /// One upload of 15 regular entries keeps its 10 newest (the last 10 of the request); the
 /// last-resort package does not count towards the cap.
-pub async fn one_upload_of_fifteen_keeps_the_newest_ten(store: &dyn KeyPackageStore) {
+async fn one_upload_of_fifteen_keeps_the_newest_ten(store: &dyn KeyPackageStore) {
     let all = tags("p", 0..15);
     let outcome = put(store, "bob", &upload(&strs(&all), Some("lr"), None)).await;
     assert_eq!(outcome.status.regular_count, MAX_REGULAR_PACKAGES as u32);
@@ -224,7 +262,7 @@ pub async fn one_upload_of_fifteen_keeps_the_newest_ten(store: &dyn KeyPackageSt
 }
 
 /// Successive uploads append and then drop the oldest packages until 10 remain.
-pub async fn successive_uploads_keep_the_newest_ten(store: &dyn KeyPackageStore) {
+async fn successive_uploads_keep_the_newest_ten(store: &dyn KeyPackageStore) {
     let all = tags("p", 0..16);
     put(store, "bob", &upload(&strs(&all[0..6]), None, None)).await;
     let outcome = put(store, "bob", &upload(&strs(&all[6..12]), None, None)).await;
@@ -239,7 +277,7 @@ pub async fn successive_uploads_keep_the_newest_ten(store: &dyn KeyPackageStore)
 
 /// With no regular package left the last-resort package is handed out, flagged as such, as
 /// often as asked, and stays stored.
-pub async fn last_resort_is_handed_out_when_no_regular_is_left_and_never_removed(
+async fn last_resort_is_handed_out_when_no_regular_is_left_and_never_removed(
     store: &dyn KeyPackageStore,
 ) {
     put(store, "bob", &upload(&["r1"], Some("lr"), None)).await;
@@ -261,7 +299,7 @@ pub async fn last_resort_is_handed_out_when_no_regular_is_left_and_never_removed
 }
 
 /// `last_resort_handouts` counts hand-outs of the last-resort package only.
-pub async fn last_resort_handouts_count_only_last_resort_hand_outs(store: &dyn KeyPackageStore) {
+async fn last_resort_handouts_count_only_last_resort_hand_outs(store: &dyn KeyPackageStore) {
     put(store, "bob", &upload(&["r1", "r2"], Some("lr"), None)).await;
     assert_eq!(status(store, "bob").await.last_resort_handouts, 0);
     take_regular(store, "bob", &["r1", "r2"]).await;
@@ -276,7 +314,7 @@ pub async fn last_resort_handouts_count_only_last_resort_hand_outs(store: &dyn K
 }
 
 /// A new last-resort package replaces the held one and starts its hand-out count at 0.
-pub async fn replacing_the_last_resort_resets_its_handouts(store: &dyn KeyPackageStore) {
+async fn replacing_the_last_resort_resets_its_handouts(store: &dyn KeyPackageStore) {
     put(store, "bob", &upload(&[], Some("lr1"), None)).await;
     take_last_resort(store, "bob", "lr1").await;
     take_last_resort(store, "bob", "lr1").await;
@@ -292,7 +330,7 @@ pub async fn replacing_the_last_resort_resets_its_handouts(store: &dyn KeyPackag
 
 /// A regular entry byte-identical to a held regular package (or to an earlier entry of the
 /// same request) is skipped: it is neither stored twice nor moved to the back of the queue.
-pub async fn entry_identical_to_a_held_regular_package_is_skipped(store: &dyn KeyPackageStore) {
+async fn entry_identical_to_a_held_regular_package_is_skipped(store: &dyn KeyPackageStore) {
     let first = put(store, "bob", &upload(&["a", "b", "a"], None, None)).await;
     assert_eq!(first.stored, 2);
     assert_eq!(first.status.regular_count, 2);
@@ -305,7 +343,7 @@ pub async fn entry_identical_to_a_held_regular_package_is_skipped(store: &dyn Ke
 
 /// An entry byte-identical to the held last-resort package is skipped, whether it comes as a
 /// last-resort entry (the hand-out count is kept) or as a regular one (it is not stored).
-pub async fn entry_identical_to_the_held_last_resort_is_skipped(store: &dyn KeyPackageStore) {
+async fn entry_identical_to_the_held_last_resort_is_skipped(store: &dyn KeyPackageStore) {
     put(store, "bob", &upload(&[], Some("lr"), None)).await;
     take_last_resort(store, "bob", "lr").await;
 
@@ -325,7 +363,7 @@ pub async fn entry_identical_to_the_held_last_resort_is_skipped(store: &dyn KeyP
 
 /// A last-resort entry byte-identical to a held regular package is skipped: the regular one
 /// stays, and no last-resort package appears.
-pub async fn last_resort_entry_identical_to_a_held_regular_package_is_skipped(
+async fn last_resort_entry_identical_to_a_held_regular_package_is_skipped(
     store: &dyn KeyPackageStore,
 ) {
     put(store, "bob", &upload(&["a"], None, None)).await;
@@ -339,7 +377,7 @@ pub async fn last_resort_entry_identical_to_a_held_regular_package_is_skipped(
 
 /// Repeating an upload changes nothing: same status, same fingerprint time, and every
 /// package is still handed out exactly once.
-pub async fn retried_upload_changes_nothing(store: &dyn KeyPackageStore) {
+async fn retried_upload_changes_nothing(store: &dyn KeyPackageStore) {
     let fp = fingerprint('a');
     let request = upload(&["a", "b", "c"], Some("lr"), Some(&fp));
     let first = store
@@ -365,7 +403,7 @@ pub async fn retried_upload_changes_nothing(store: &dyn KeyPackageStore) {
 
 /// Each package carries the fingerprint sent with its upload: a package uploaded without one
 /// comes back without one, even after a later upload set a fingerprint.
-pub async fn fingerprint_is_recorded_with_each_package(store: &dyn KeyPackageStore) {
+async fn fingerprint_is_recorded_with_each_package(store: &dyn KeyPackageStore) {
     let (x, y) = (fingerprint('1'), fingerprint('2'));
     put(store, "bob", &upload(&["plain"], None, None)).await;
     put(store, "bob", &upload(&["x1"], Some("lr"), Some(&x))).await;
@@ -399,7 +437,7 @@ pub async fn fingerprint_is_recorded_with_each_package(store: &dyn KeyPackageSto
 
 /// The current fingerprint is the last one sent; its time changes only when the value does,
 /// and an upload without a fingerprint keeps it.
-pub async fn fingerprint_updated_at_changes_only_with_the_value(store: &dyn KeyPackageStore) {
+async fn fingerprint_updated_at_changes_only_with_the_value(store: &dyn KeyPackageStore) {
     let bob = user("bob");
     let (x, y) = (fingerprint('d'), fingerprint('e'));
     store
@@ -445,9 +483,7 @@ pub async fn fingerprint_updated_at_changes_only_with_the_value(store: &dyn KeyP
 
 /// `delete_all` removes the regular and the last-resort packages and resets the hand-out
 /// count; the fingerprint and its time stay. Deleted packages no longer count as held.
-pub async fn delete_all_removes_every_package_and_keeps_the_fingerprint(
-    store: &dyn KeyPackageStore,
-) {
+async fn delete_all_removes_every_package_and_keeps_the_fingerprint(store: &dyn KeyPackageStore) {
     let fp = fingerprint('c');
     put(store, "bob", &upload(&["a", "b"], Some("lr"), Some(&fp))).await;
     take_regular(store, "bob", &["a", "b"]).await;
@@ -477,7 +513,7 @@ pub async fn delete_all_removes_every_package_and_keeps_the_fingerprint(
 
 /// One user's packages, budget and deletions never touch another's; identical bytes held by
 /// two users are two packages.
-pub async fn users_are_isolated(store: &dyn KeyPackageStore) {
+async fn users_are_isolated(store: &dyn KeyPackageStore) {
     let (x, y) = (fingerprint('a'), fingerprint('b'));
     put(
         store,
@@ -516,7 +552,7 @@ pub async fn users_are_isolated(store: &dyn KeyPackageStore) {
 
 /// The budget allows a burst of `burst` consumptions, then refuses with the time until one
 /// more is allowed, and refills one per interval (fully after `burst` intervals).
-pub async fn budget_allows_a_burst_then_rate_limits_until_refilled(store: &dyn KeyPackageStore) {
+async fn budget_allows_a_burst_then_rate_limits_until_refilled(store: &dyn KeyPackageStore) {
     let budget = Budget::per_minute(10);
     let all = tags("p", 0..10);
     put(store, "bob", &upload(&strs(&all), Some("lr"), None)).await;
@@ -563,7 +599,7 @@ pub async fn budget_allows_a_burst_then_rate_limits_until_refilled(store: &dyn K
 
 /// A refused request hands out nothing and counts no hand-out; a request that finds nothing
 /// still takes its share of the budget.
-pub async fn rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget(
+async fn rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget(
     store: &dyn KeyPackageStore,
 ) {
     let budget = Budget::per_minute(3);
@@ -607,7 +643,7 @@ pub async fn rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_bud
 }
 
 /// Each target has its own budget, whoever asks.
-pub async fn budgets_are_per_target(store: &dyn KeyPackageStore) {
+async fn budgets_are_per_target(store: &dyn KeyPackageStore) {
     let budget = Budget::per_minute(2);
     put(store, "alice", &upload(&[], Some("alr"), None)).await;
     put(store, "bob", &upload(&[], Some("blr"), None)).await;
@@ -629,7 +665,7 @@ pub async fn budgets_are_per_target(store: &dyn KeyPackageStore) {
 
 /// Pruning drops only budgets that have fully refilled; a partly spent budget survives and
 /// keeps limiting.
-pub async fn prune_budgets_removes_only_refilled_state(store: &dyn KeyPackageStore) {
+async fn prune_budgets_removes_only_refilled_state(store: &dyn KeyPackageStore) {
     let budget = Budget::per_minute(10);
     for _ in 0..10 {
         assert!(!is_rate_limited(

@@ -1,5 +1,5 @@
 //! Storage of key packages behind one domain-level trait, with an embedded SQLite and a Postgres
-//! implementation. `connect` picks the backend from the database URL and applies migrations.
+//! implementation; [`connect`] picks the backend from the database URL and applies migrations.
 
 use std::time::Duration;
 
@@ -7,8 +7,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use crate::key_package::Upload;
-use crate::key_package::{Fingerprint, UserId};
+use crate::{
+    key_package::{Fingerprint, UserId},
+    rate_limit::Budget,
+};
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod postgres;
 pub mod sqlite;
@@ -70,99 +74,84 @@ pub enum ConsumeOutcome {
     },
 }
 
-/// The per-target consumption budget shared by every process on one database: a GCRA bucket
-/// of `burst` requests refilling one every `interval`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Budget {
-    /// Requests allowed at once when the bucket is full.
-    pub burst: u32,
-    /// Time to refill one request.
-    pub interval: Duration,
-}
-
-impl Budget {
-    /// A budget of `per_minute` requests per minute, all of them available at once.
-    pub fn per_minute(per_minute: u32) -> Self {
-        let per_minute = per_minute.max(1);
-        Self {
-            burst: per_minute,
-            interval: Duration::from_secs(60) / per_minute,
-        }
-    }
-
-    /// GCRA decision. `tat` is the stored theoretical arrival time (ms since the epoch, or `None`
-    /// if the target has no state); returns the new `tat` to store, or the time to wait.
-    pub fn decide(&self, tat: Option<i64>, now_ms: i64) -> Result<i64, Duration> {
-        let interval = self.interval_ms();
-        let new_tat = tat.unwrap_or(now_ms).max(now_ms) + interval;
-        let allowed_until = now_ms + self.window_ms();
-        if new_tat <= allowed_until {
-            Ok(new_tat)
-        } else {
-            Err(Duration::from_millis((new_tat - allowed_until) as u64))
-        }
-    }
-
-    /// The refill interval in milliseconds (at least 1).
-    pub fn interval_ms(&self) -> i64 {
-        (self.interval.as_millis() as i64).max(1)
-    }
-
-    /// How far ahead of now a target's `tat` may run: `burst` intervals.
-    pub fn window_ms(&self) -> i64 {
-        self.interval_ms() * i64::from(self.burst)
-    }
-}
-
-/// What storage knows went wrong.
+/// What storage knows went wrong while serving a request.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be reached or did not answer in time.
+    /// The database could not be reached or did not answer in time: retry later (503).
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
-    /// Any other database failure (a bug or a broken schema).
+    /// Any other database failure: a bug or a broken schema (500).
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
-    /// The configured URL or options are unusable.
-    #[error("{0}")]
-    Config(String),
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
+        let transient = match &e {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(e),
-            sqlx::Error::Database(db) if is_unavailable_code(db.code().as_deref()) => {
-                Self::Unavailable(e)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                postgres::is_transient(db.as_ref()) || sqlite::is_transient(db.as_ref())
             }
-            _ => Self::Database(e),
+            _ => false,
+        };
+        if transient {
+            Self::Unavailable(e)
+        } else {
+            Self::Database(e)
         }
     }
 }
 
-/// Postgres SQLSTATEs that mean "not now" rather than "wrong": connection failures, shutdown,
-/// statement and lock timeouts, sessions ended for idling in a transaction, deadlocks, and
-/// SQLite's busy/locked codes.
-fn is_unavailable_code(code: Option<&str>) -> bool {
-    match code {
-        Some(c) => {
-            c.starts_with("08")
-                || c.starts_with("57P")
-                || c == "57014"
-                || c == "53300"
-                || c == "55P03"
-                || c == "25P03"
-                || c == "40P01"
-                || c == "5"
-                || c == "6"
-                || c == "517"
-                || c == "261"
+/// Why the store could not be opened at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL names no supported backend, or does not parse.
+    #[error("{0}")]
+    Url(String),
+    /// The database did not answer, or refused the connection.
+    #[error("cannot open the database: {0}")]
+    Open(#[source] sqlx::Error),
+    /// No answer within the acquire timeout.
+    #[error("no answer from the database within {0:?}")]
+    TimedOut(Duration),
+    /// Applying the migrations failed.
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// The storage backends, as a database URL names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite:…`: the embedded file.
+    Sqlite,
+    /// `postgres://…` or `postgresql://…`.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend `url` names; anything else is a [`ConnectError::Url`].
+    pub fn from_url(url: &str) -> Result<Self, ConnectError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            Err(ConnectError::Url(
+                "must start with sqlite: or postgres://".into(),
+            ))
         }
-        None => false,
+    }
+
+    /// The backend's name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
     }
 }
 
@@ -233,21 +222,11 @@ impl ConnectOptions {
 /// Opens the store the URL names and applies its migrations.
 pub async fn connect(
     options: &ConnectOptions,
-) -> Result<std::sync::Arc<dyn KeyPackageStore>, StoreError> {
-    let url = options.url.as_str();
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(std::sync::Arc::new(
-            postgres::PgStore::connect(options).await?,
-        ))
-    } else if url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(
-            sqlite::SqliteStore::connect(options).await?,
-        ))
-    } else {
-        Err(StoreError::Config(
-            "DATABASE_URL must start with sqlite: or postgres://".into(),
-        ))
-    }
+) -> Result<std::sync::Arc<dyn KeyPackageStore>, ConnectError> {
+    Ok(match Backend::from_url(&options.url)? {
+        Backend::Postgres => std::sync::Arc::new(postgres::PgStore::connect(options).await?),
+        Backend::Sqlite => std::sync::Arc::new(sqlite::SqliteStore::connect(options).await?),
+    })
 }
 
 /// What an upload must write, given the digests the user holds when the upload starts.
@@ -263,7 +242,11 @@ pub(crate) struct UploadPlan<'a> {
 
 impl<'a> UploadPlan<'a> {
     /// Plans `upload` against the held regular digests and the held last-resort digest.
-    pub fn new(upload: &'a Upload, held: &[Vec<u8>], held_last_resort: Option<&[u8]>) -> Self {
+    pub(crate) fn new(
+        upload: &'a Upload,
+        held: &[Vec<u8>],
+        held_last_resort: Option<&[u8]>,
+    ) -> Self {
         let is_held = |digest: &[u8; 32]| {
             held.iter().any(|h| h.as_slice() == digest)
                 || held_last_resort == Some(digest.as_slice())
@@ -285,7 +268,7 @@ impl<'a> UploadPlan<'a> {
     }
 
     /// Packages this plan stores.
-    pub fn stored(&self) -> u32 {
+    pub(crate) fn stored(&self) -> u32 {
         (self.regular.len() + usize::from(self.last_resort.is_some())) as u32
     }
 }
@@ -295,34 +278,57 @@ pub(crate) fn stored_fingerprint(s: Option<String>) -> Option<Fingerprint> {
     s.and_then(|s| Fingerprint::parse(&s).ok())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A user's row as both backends' status queries return it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct StatusRow {
+    regular_count: i64,
+    has_last_resort: bool,
+    fingerprint: Option<String>,
+    last_resort_handouts: i64,
+}
 
-    #[test]
-    fn budget_allows_a_burst_then_one_per_interval() {
-        let b = Budget::per_minute(10);
-        assert_eq!(b.interval, Duration::from_secs(6));
-        let mut tat = None;
-        let now = 1_000_000;
-        for _ in 0..10 {
-            tat = Some(b.decide(tat, now).expect("within burst"));
+impl From<StatusRow> for Status {
+    fn from(row: StatusRow) -> Self {
+        Self {
+            regular_count: u32::try_from(row.regular_count).unwrap_or(u32::MAX),
+            has_last_resort: row.has_last_resort,
+            fingerprint: stored_fingerprint(row.fingerprint),
+            last_resort_handouts: u64::try_from(row.last_resort_handouts).unwrap_or(0),
         }
-        let wait = b.decide(tat, now).unwrap_err();
-        assert_eq!(wait, Duration::from_secs(6));
-        assert!(b.decide(tat, now + 5_999).is_err());
-        let after = b.decide(tat, now + 6_000).expect("one refilled");
-        assert!(b.decide(Some(after), now + 6_000).is_err());
     }
+}
 
-    #[test]
-    fn budget_state_older_than_now_is_a_full_bucket() {
-        let b = Budget::per_minute(3);
-        let now = 50_000;
-        let mut tat = Some(now - 1_000_000);
-        for _ in 0..3 {
-            tat = Some(b.decide(tat, now).unwrap());
+/// A handed-out package as both backends' consume queries return it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ConsumedRow {
+    data: Vec<u8>,
+    fingerprint: Option<String>,
+    is_last_resort: bool,
+}
+
+impl From<ConsumedRow> for Consumed {
+    fn from(row: ConsumedRow) -> Self {
+        Self {
+            key_package: row.data.into(),
+            is_last_resort: row.is_last_resort,
+            fingerprint: stored_fingerprint(row.fingerprint),
         }
-        assert!(b.decide(tat, now).is_err());
+    }
+}
+
+/// A user's current fingerprint and when it last changed, as both backends return it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct FingerprintRow {
+    fingerprint: Option<String>,
+    fingerprint_updated_at: Option<i64>,
+}
+
+impl FingerprintRow {
+    /// The fingerprint and its Unix time, or `None` if the user never sent one.
+    pub(crate) fn into_pair(self) -> Option<(Fingerprint, i64)> {
+        Some((
+            stored_fingerprint(self.fingerprint)?,
+            self.fingerprint_updated_at.unwrap_or(0),
+        ))
     }
 }

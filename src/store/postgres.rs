@@ -6,22 +6,70 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
-    Connection, PgConnection, PgExecutor, PgPool, Row,
+    error::DatabaseError,
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions},
+    Connection, PgConnection, PgExecutor, PgPool,
 };
 
 use super::{
-    stored_fingerprint, Budget, ConnectOptions, ConsumeOutcome, Consumed, KeyPackageStore, Status,
-    StoreError, Upload, UploadOutcome, UploadPlan,
+    ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow, FingerprintRow, KeyPackageStore,
+    Status, StatusRow, StoreError, Upload, UploadOutcome, UploadPlan,
 };
-use crate::key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES};
+use crate::{
+    key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
+    rate_limit::Budget,
+};
+
+/// The Postgres schema, applied at start by [`PgStore::connect`].
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// SQLSTATE classes and codes that mean "not now" rather than "wrong": the request may succeed
+/// if retried later, so it is answered 503.
+mod sqlstate {
+    /// Class 08: connection exceptions.
+    pub(super) const CONNECTION_EXCEPTION_CLASS: &str = "08";
+    /// Class 57P: operator intervention (shutdown, crash recovery, terminated backend).
+    pub(super) const OPERATOR_INTERVENTION_CLASS: &str = "57P";
+    /// `statement_timeout` fired.
+    pub(super) const QUERY_CANCELED: &str = "57014";
+    /// No connection slot left.
+    pub(super) const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// `lock_timeout` fired.
+    pub(super) const LOCK_NOT_AVAILABLE: &str = "55P03";
+    /// `idle_in_transaction_session_timeout` ended the session.
+    pub(super) const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    /// Chosen as a deadlock victim.
+    pub(super) const DEADLOCK_DETECTED: &str = "40P01";
+}
+
+/// Whether a Postgres error means the database is unavailable for now (see [`sqlstate`]).
+pub(super) fn is_transient(error: &dyn DatabaseError) -> bool {
+    let Some(code) = error
+        .try_downcast_ref::<PgDatabaseError>()
+        .map(PgDatabaseError::code)
+    else {
+        return false;
+    };
+    use sqlstate::*;
+    code.starts_with(CONNECTION_EXCEPTION_CLASS)
+        || code.starts_with(OPERATOR_INTERVENTION_CLASS)
+        || [
+            QUERY_CANCELED,
+            TOO_MANY_CONNECTIONS,
+            LOCK_NOT_AVAILABLE,
+            IDLE_IN_TRANSACTION_TIMEOUT,
+            DEADLOCK_DETECTED,
+        ]
+        .contains(&code)
+}
 
 /// Creates the user's row or, when it exists, locks it (a row lock held until commit, so one
 /// user's uploads run one after another); records the fingerprint, stamping the time only
 /// when the value changes; returns the digest of the held last-resort package.
 ///
 /// $1 user, $2 fingerprint or NULL, $3 now (Unix seconds) or NULL when $2 is NULL.
-const LOCK_USER: &str = "\
+pub const LOCK_USER: &str = "\
 INSERT INTO users AS u (user_id, fingerprint, fingerprint_updated_at) VALUES ($1, $2, $3)
 ON CONFLICT (user_id) DO UPDATE SET
     fingerprint = COALESCE(EXCLUDED.fingerprint, u.fingerprint),
@@ -43,7 +91,7 @@ RETURNING last_resort_digest";
 /// $1 user, $2 digests and $3 bytes of the regular packages (oldest first), $4 fingerprint
 /// ('' for none), $5 held packages to keep, $6 last-resort bytes and $7 its digest (or NULLs).
 /// Returns how many regular packages were inserted.
-const WRITE_PLAN: &str = "\
+pub const WRITE_PLAN: &str = "\
 WITH inserted AS (
     INSERT INTO key_packages (user_id, digest, data, fingerprint)
     SELECT $1, p.digest, p.data, $4
@@ -73,7 +121,7 @@ SELECT count(*) FROM inserted";
 /// 3. `last_resort` counts a hand-out of the last-resort package, only when 2 found nothing.
 ///
 /// $1 target, $2 now (ms), $3 refill interval (ms), $4 window (ms).
-const CONSUME: &str = "\
+pub const CONSUME: &str = "\
 WITH budget AS (
     INSERT INTO consume_budgets AS b (user_id, tat)
     SELECT $1, $2 + $3 WHERE $3 <= $4
@@ -96,7 +144,7 @@ WITH budget AS (
       AND EXISTS (SELECT FROM budget) AND NOT EXISTS (SELECT FROM regular)
     RETURNING last_resort, last_resort_fingerprint
 )
-SELECT EXISTS (SELECT FROM budget), p.data, p.fingerprint, p.is_last_resort
+SELECT EXISTS (SELECT FROM budget) AS allowed, p.data, p.fingerprint, p.is_last_resort
 FROM (VALUES (1)) AS one (x)
 LEFT JOIN (
     SELECT data, fingerprint, false AS is_last_resort FROM regular
@@ -104,11 +152,41 @@ LEFT JOIN (
     SELECT last_resort, last_resort_fingerprint, true FROM last_resort
 ) AS p ON true";
 
-/// The user's status, from inside or outside a transaction. $1 user.
-const STATUS: &str = "\
-SELECT (SELECT count(*) FROM key_packages WHERE user_id = $1),
-       last_resort IS NOT NULL, fingerprint, last_resort_handouts
+/// The target's stored budget state, read after [`CONSUME`] refused, to compute the wait.
+/// $1 target.
+pub const BUDGET_TAT: &str = "SELECT tat FROM consume_budgets WHERE user_id = $1";
+
+/// The user's status ([`StatusRow`]), from inside or outside a transaction. $1 user.
+pub const STATUS: &str = "\
+SELECT (SELECT count(*) FROM key_packages WHERE user_id = $1) AS regular_count,
+       last_resort IS NOT NULL AS has_last_resort, fingerprint, last_resort_handouts
 FROM users WHERE user_id = $1";
+
+/// Digests of the user's regular packages, read under the lock [`LOCK_USER`] took: a statement
+/// of its own, so its snapshot sees everything the previous upload of this user committed.
+/// $1 user.
+pub const HELD_DIGESTS: &str = "SELECT digest FROM key_packages WHERE user_id = $1";
+
+/// First half of a delete: drops the last-resort package under the user's row lock, as uploads
+/// take it, so the two never wait on each other in a cycle. $1 user.
+pub const DELETE_LAST_RESORT: &str = "\
+UPDATE users SET last_resort = NULL, last_resort_digest = NULL, last_resort_fingerprint = '',
+    last_resort_handouts = 0
+WHERE user_id = $1";
+
+/// Second half of a delete: its snapshot includes any upload that held the lock. $1 user.
+pub const DELETE_REGULAR: &str = "DELETE FROM key_packages WHERE user_id = $1";
+
+/// The user's fingerprint and when it changed ([`FingerprintRow`]). $1 user.
+pub const FINGERPRINT: &str =
+    "SELECT fingerprint, fingerprint_updated_at FROM users WHERE user_id = $1";
+
+/// Drops budget rows that have fully refilled. `SKIP LOCKED`: rows being charged right now are
+/// not refilled anyway, and pruners in several processes then never wait on (or deadlock with)
+/// each other or consumers. $1 now (ms).
+pub const PRUNE_BUDGETS: &str = "\
+DELETE FROM consume_budgets WHERE tat <= $1 AND user_id IN
+    (SELECT user_id FROM consume_budgets WHERE tat <= $1 FOR UPDATE SKIP LOCKED)";
 
 /// Key packages in a Postgres database.
 #[derive(Clone, Debug)]
@@ -122,9 +200,9 @@ impl PgStore {
     /// The first connection is opened directly so that a start-up failure reports its cause;
     /// the pool itself opens connections on demand and replaces broken ones, so the store
     /// recovers by itself when the database comes back.
-    pub async fn connect(options: &ConnectOptions) -> Result<Self, StoreError> {
+    pub async fn connect(options: &ConnectOptions) -> Result<Self, ConnectError> {
         let mut base = PgConnectOptions::from_str(&options.url)
-            .map_err(|e| StoreError::Config(format!("cannot parse the Postgres URL: {e}")))?;
+            .map_err(|e| ConnectError::Url(format!("cannot parse the Postgres URL: {e}")))?;
         if base.get_application_name().is_none() {
             base = base.application_name("keypackage-server");
         }
@@ -134,16 +212,9 @@ impl PgStore {
         let mut conn =
             tokio::time::timeout(options.acquire_timeout, PgConnection::connect_with(&base))
                 .await
-                .map_err(|_| {
-                    StoreError::Config(format!(
-                        "no answer from the database within {:?}",
-                        options.acquire_timeout
-                    ))
-                })??;
-        sqlx::migrate!("./migrations/postgres")
-            .run(&mut conn)
-            .await
-            .map_err(|e| StoreError::Config(format!("migrations failed: {e}")))?;
+                .map_err(|_| ConnectError::TimedOut(options.acquire_timeout))?
+                .map_err(ConnectError::Open)?;
+        MIGRATOR.run(&mut conn).await?;
         let _ = conn.close().await;
 
         // Server-side bounds, so a request never waits on the database longer than this
@@ -178,13 +249,10 @@ impl KeyPackageStore for PgStore {
             .bind(fingerprint.map(|_| now_unix))
             .fetch_one(&mut *tx)
             .await?;
-        // A statement of its own: its snapshot is taken after the lock above was granted, so it
-        // sees everything the previous upload of this user committed.
-        let held: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT digest FROM key_packages WHERE user_id = $1")
-                .bind(user.as_str())
-                .fetch_all(&mut *tx)
-                .await?;
+        let held: Vec<Vec<u8>> = sqlx::query_scalar(HELD_DIGESTS)
+            .bind(user.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
         let plan = UploadPlan::new(upload, &held, held_last_resort.as_deref());
         let mut stored = u32::from(plan.last_resort.is_some());
         if plan.stored() > 0 {
@@ -214,26 +282,27 @@ impl KeyPackageStore for PgStore {
         budget: Budget,
         now_ms: i64,
     ) -> Result<ConsumeOutcome, StoreError> {
-        let row = sqlx::query(CONSUME)
+        let row: ConsumeRow = sqlx::query_as(CONSUME)
             .bind(target.as_str())
             .bind(now_ms)
             .bind(budget.interval_ms())
             .bind(budget.window_ms())
             .fetch_one(&self.pool)
             .await?;
-        let allowed: bool = row.try_get(0)?;
-        if !allowed {
+        if !row.allowed {
             // Only the wait is missing; read the state that refused us and let the shared
             // GCRA arithmetic compute it.
-            let tat: Option<i64> =
-                sqlx::query_scalar("SELECT tat FROM consume_budgets WHERE user_id = $1")
-                    .bind(target.as_str())
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
+                .bind(target.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
             let retry_after = budget.decide(tat, now_ms).err().unwrap_or_default();
             return Ok(ConsumeOutcome::RateLimited { retry_after });
         }
-        consumed(&row)
+        Ok(match row.package {
+            Some(package) => ConsumeOutcome::Consumed(package.into()),
+            None => ConsumeOutcome::Empty,
+        })
     }
 
     async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
@@ -241,32 +310,23 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        // The user's row first, as uploads do, so the two never wait on each other in a cycle;
-        // the DELETE then runs on a snapshot that includes any upload that held the lock.
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE users SET last_resort = NULL, last_resort_digest = NULL, \
-             last_resort_fingerprint = '', last_resort_handouts = 0 WHERE user_id = $1",
-        )
-        .bind(user.as_str())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM key_packages WHERE user_id = $1")
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await?;
+        for statement in [DELETE_LAST_RESORT, DELETE_REGULAR] {
+            sqlx::query(statement)
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
 
     async fn fingerprint(&self, user: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
-        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
-            "SELECT fingerprint, fingerprint_updated_at FROM users WHERE user_id = $1",
-        )
-        .bind(user.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.and_then(|(fp, at)| Some((stored_fingerprint(fp)?, at.unwrap_or(0)))))
+        let row: Option<FingerprintRow> = sqlx::query_as(FINGERPRINT)
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(FingerprintRow::into_pair))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -275,46 +335,39 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn prune_budgets(&self, now_ms: i64) -> Result<u64, StoreError> {
-        // SKIP LOCKED: rows being charged right now are not refilled anyway, and pruners in
-        // several processes then never wait on (or deadlock with) each other or consumers.
-        let done = sqlx::query(
-            "DELETE FROM consume_budgets WHERE tat <= $1 AND user_id IN \
-             (SELECT user_id FROM consume_budgets WHERE tat <= $1 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(PRUNE_BUDGETS)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 }
 
-/// Reads the package columns of a [`CONSUME`] row; no package means the target holds none.
-fn consumed(row: &PgRow) -> Result<ConsumeOutcome, StoreError> {
-    let data: Option<Vec<u8>> = row.try_get(1)?;
-    let Some(data) = data else {
-        return Ok(ConsumeOutcome::Empty);
-    };
-    let fingerprint: Option<String> = row.try_get(2)?;
-    let is_last_resort: Option<bool> = row.try_get(3)?;
-    Ok(ConsumeOutcome::Consumed(Consumed {
-        key_package: data.into(),
-        is_last_resort: is_last_resort.unwrap_or(false),
-        fingerprint: stored_fingerprint(fingerprint),
-    }))
+/// A [`CONSUME`] row: whether the budget allowed the request and, if so, the package (none
+/// when the target holds nothing).
+struct ConsumeRow {
+    allowed: bool,
+    package: Option<ConsumedRow>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ConsumeRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let allowed = row.try_get("allowed")?;
+        // The package columns are NULL together when nothing was handed out.
+        let data: Option<Vec<u8>> = row.try_get("data")?;
+        let package = match data {
+            Some(_) => Some(ConsumedRow::from_row(row)?),
+            None => None,
+        };
+        Ok(Self { allowed, package })
+    }
 }
 
 async fn status_of<'c>(executor: impl PgExecutor<'c>, user: &UserId) -> Result<Status, StoreError> {
-    let row: Option<(i64, bool, Option<String>, i64)> = sqlx::query_as(STATUS)
+    let row: Option<StatusRow> = sqlx::query_as(STATUS)
         .bind(user.as_str())
         .fetch_optional(executor)
         .await?;
-    Ok(match row {
-        Some((count, has_last_resort, fingerprint, handouts)) => Status {
-            regular_count: count as u32,
-            has_last_resort,
-            fingerprint: stored_fingerprint(fingerprint),
-            last_resort_handouts: handouts as u64,
-        },
-        None => Status::default(),
-    })
+    Ok(row.map(Status::from).unwrap_or_default())
 }

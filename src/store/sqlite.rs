@@ -9,15 +9,125 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::{
+    error::DatabaseError,
+    migrate::Migrator,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    Row, SqlitePool,
+    SqlitePool,
 };
 
 use super::{
-    stored_fingerprint, Budget, ConnectOptions, ConsumeOutcome, Consumed, KeyPackageStore, Status,
-    StoreError, Upload, UploadOutcome, UploadPlan,
+    ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow, FingerprintRow, KeyPackageStore,
+    Status, StatusRow, StoreError, Upload, UploadOutcome, UploadPlan,
 };
-use crate::key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES};
+use crate::{
+    key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
+    rate_limit::Budget,
+};
+
+/// The SQLite schema, applied at start by [`SqliteStore::connect`].
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// SQLite result codes that mean "not now": another connection or process holds the lock.
+mod code {
+    /// `SQLITE_BUSY`.
+    pub(super) const BUSY: &str = "5";
+    /// `SQLITE_LOCKED`.
+    pub(super) const LOCKED: &str = "6";
+    /// `SQLITE_BUSY_RECOVERY`.
+    pub(super) const BUSY_RECOVERY: &str = "261";
+    /// `SQLITE_BUSY_SNAPSHOT`.
+    pub(super) const BUSY_SNAPSHOT: &str = "517";
+}
+
+/// Whether an SQLite error means the database is busy for now (see [`code`]).
+pub(super) fn is_transient(error: &dyn DatabaseError) -> bool {
+    let Some(error) = error.try_downcast_ref::<sqlx::sqlite::SqliteError>() else {
+        return false;
+    };
+    let code = error.code();
+    [
+        code::BUSY,
+        code::LOCKED,
+        code::BUSY_RECOVERY,
+        code::BUSY_SNAPSHOT,
+    ]
+    .iter()
+    .any(|c| code.as_deref() == Some(*c))
+}
+
+/// Creates the user's row if it is new (inside the write transaction). $1 user.
+pub const CREATE_USER: &str = "INSERT INTO users (user_id) VALUES ($1) ON CONFLICT DO NOTHING";
+
+/// The digest of the held last-resort package. $1 user.
+pub const HELD_LAST_RESORT: &str = "SELECT last_resort_digest FROM users WHERE user_id = $1";
+
+/// Digests of the user's regular packages. $1 user.
+pub const HELD_DIGESTS: &str = "SELECT digest FROM key_packages WHERE user_id = $1";
+
+/// Records a new fingerprint, stamping the time only when the value changes.
+/// $1 user, $2 fingerprint, $3 now (Unix seconds).
+pub const SET_FINGERPRINT: &str = "\
+UPDATE users SET fingerprint = $2, fingerprint_updated_at = $3
+WHERE user_id = $1 AND fingerprint IS NOT $2";
+
+/// Appends one regular package; the rowid grows with upload order (FIFO).
+/// $1 user, $2 digest, $3 bytes, $4 fingerprint ('' for none).
+pub const INSERT_PACKAGE: &str = "\
+INSERT INTO key_packages (user_id, digest, data, fingerprint) VALUES ($1, $2, $3, $4)";
+
+/// Replaces the last-resort package and resets its hand-out count.
+/// $1 user, $2 bytes, $3 digest, $4 fingerprint ('' for none).
+pub const REPLACE_LAST_RESORT: &str = "\
+UPDATE users SET last_resort = $2, last_resort_digest = $3, last_resort_fingerprint = $4,
+    last_resort_handouts = 0
+WHERE user_id = $1";
+
+/// Keeps the user's `$2` newest regular packages. $1 user, $2 how many.
+pub const TRIM: &str = "\
+DELETE FROM key_packages WHERE user_id = $1 AND id NOT IN
+    (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id DESC LIMIT $2)";
+
+/// The target's stored budget state (GCRA `tat`, ms). $1 target.
+pub const BUDGET_TAT: &str = "SELECT tat FROM consume_budgets WHERE user_id = $1";
+
+/// Stores the target's new budget state. $1 target, $2 new `tat` (ms).
+pub const CHARGE_BUDGET: &str = "\
+INSERT INTO consume_budgets (user_id, tat) VALUES ($1, $2)
+ON CONFLICT (user_id) DO UPDATE SET tat = excluded.tat";
+
+/// Removes and returns the target's oldest regular package ([`ConsumedRow`]). $1 target.
+pub const TAKE_OLDEST: &str = "\
+DELETE FROM key_packages WHERE id =
+    (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id LIMIT 1)
+RETURNING data, fingerprint, false AS is_last_resort";
+
+/// Counts a hand-out of the last-resort package and returns it ([`ConsumedRow`]). $1 target.
+pub const HAND_OUT_LAST_RESORT: &str = "\
+UPDATE users SET last_resort_handouts = last_resort_handouts + 1
+WHERE user_id = $1 AND last_resort IS NOT NULL
+RETURNING last_resort AS data, last_resort_fingerprint AS fingerprint, true AS is_last_resort";
+
+/// The user's status ([`StatusRow`]). $1 user.
+pub const STATUS: &str = "\
+SELECT (SELECT count(*) FROM key_packages WHERE user_id = $1) AS regular_count,
+       last_resort IS NOT NULL AS has_last_resort, fingerprint, last_resort_handouts
+FROM users WHERE user_id = $1";
+
+/// Drops every regular package of the user. $1 user.
+pub const DELETE_REGULAR: &str = "DELETE FROM key_packages WHERE user_id = $1";
+
+/// Drops the user's last-resort package. $1 user.
+pub const DELETE_LAST_RESORT: &str = "\
+UPDATE users SET last_resort = NULL, last_resort_digest = NULL, last_resort_fingerprint = '',
+    last_resort_handouts = 0
+WHERE user_id = $1";
+
+/// The user's fingerprint and when it changed ([`FingerprintRow`]). $1 user.
+pub const FINGERPRINT: &str =
+    "SELECT fingerprint, fingerprint_updated_at FROM users WHERE user_id = $1";
+
+/// Drops budget rows that have fully refilled. $1 now (ms).
+pub const PRUNE_BUDGETS: &str = "DELETE FROM consume_budgets WHERE tat <= $1";
 
 /// Key packages in an SQLite database file.
 #[derive(Clone, Debug)]
@@ -28,9 +138,9 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database and applies the SQLite migrations.
-    pub async fn connect(options: &ConnectOptions) -> Result<Self, StoreError> {
+    pub async fn connect(options: &ConnectOptions) -> Result<Self, ConnectError> {
         let base = SqliteConnectOptions::from_str(&options.url)
-            .map_err(|e| StoreError::Config(format!("{e}")))?
+            .map_err(|e| ConnectError::Url(e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // NORMAL in WAL mode never corrupts the file; a power cut may lose the last commits.
@@ -42,16 +152,14 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.clone())
             .await
-            .map_err(|e| StoreError::Config(format!("cannot open database: {e}")))?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&writer)
-            .await
-            .map_err(|e| StoreError::Config(format!("migrations failed: {e}")))?;
+            .map_err(ConnectError::Open)?;
+        MIGRATOR.run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.clamp(1, 8))
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.read_only(true))
-            .await?;
+            .await
+            .map_err(ConnectError::Open)?;
         Ok(Self { writer, reader })
     }
 }
@@ -65,67 +173,53 @@ impl KeyPackageStore for SqliteStore {
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("INSERT INTO users (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        sqlx::query(CREATE_USER)
             .bind(user.as_str())
             .execute(&mut *tx)
             .await?;
-        let held_last_resort: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT last_resort_digest FROM users WHERE user_id = $1")
-                .bind(user.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-        let held: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT digest FROM key_packages WHERE user_id = $1")
-                .bind(user.as_str())
-                .fetch_all(&mut *tx)
-                .await?;
+        let held_last_resort: Option<Vec<u8>> = sqlx::query_scalar(HELD_LAST_RESORT)
+            .bind(user.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        let held: Vec<Vec<u8>> = sqlx::query_scalar(HELD_DIGESTS)
+            .bind(user.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
         let plan = UploadPlan::new(upload, &held, held_last_resort.as_deref());
         let fingerprint = upload.fingerprint.as_ref().map_or("", Fingerprint::as_str);
 
         if let Some(fp) = &upload.fingerprint {
-            sqlx::query(
-                "UPDATE users SET fingerprint = $2, fingerprint_updated_at = $3 \
-                 WHERE user_id = $1 AND fingerprint IS NOT $2",
-            )
-            .bind(user.as_str())
-            .bind(fp.as_str())
-            .bind(now_unix)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(SET_FINGERPRINT)
+                .bind(user.as_str())
+                .bind(fp.as_str())
+                .bind(now_unix)
+                .execute(&mut *tx)
+                .await?;
         }
         for package in &plan.regular {
-            sqlx::query(
-                "INSERT INTO key_packages (user_id, digest, data, fingerprint) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(user.as_str())
-            .bind(package.digest().as_slice())
-            .bind(package.bytes().as_ref())
-            .bind(fingerprint)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(INSERT_PACKAGE)
+                .bind(user.as_str())
+                .bind(package.digest().as_slice())
+                .bind(package.bytes().as_ref())
+                .bind(fingerprint)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(package) = plan.last_resort {
-            sqlx::query(
-                "UPDATE users SET last_resort = $2, last_resort_digest = $3, \
-                 last_resort_fingerprint = $4, last_resort_handouts = 0 WHERE user_id = $1",
-            )
-            .bind(user.as_str())
-            .bind(package.bytes().as_ref())
-            .bind(package.digest().as_slice())
-            .bind(fingerprint)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(REPLACE_LAST_RESORT)
+                .bind(user.as_str())
+                .bind(package.bytes().as_ref())
+                .bind(package.digest().as_slice())
+                .bind(fingerprint)
+                .execute(&mut *tx)
+                .await?;
         }
         if !plan.regular.is_empty() {
-            sqlx::query(
-                "DELETE FROM key_packages WHERE user_id = $1 AND id NOT IN \
-                 (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id DESC LIMIT $2)",
-            )
-            .bind(user.as_str())
-            .bind(MAX_REGULAR_PACKAGES as i64)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(TRIM)
+                .bind(user.as_str())
+                .bind(MAX_REGULAR_PACKAGES as i64)
+                .execute(&mut *tx)
+                .await?;
         }
         let status = status_in(&mut tx, user).await?;
         tx.commit().await?;
@@ -142,51 +236,34 @@ impl KeyPackageStore for SqliteStore {
         now_ms: i64,
     ) -> Result<ConsumeOutcome, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let tat: Option<i64> =
-            sqlx::query_scalar("SELECT tat FROM consume_budgets WHERE user_id = $1")
-                .bind(target.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+        let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
+            .bind(target.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
         let new_tat = match budget.decide(tat, now_ms) {
             Ok(t) => t,
             Err(retry_after) => return Ok(ConsumeOutcome::RateLimited { retry_after }),
         };
-        sqlx::query(
-            "INSERT INTO consume_budgets (user_id, tat) VALUES ($1, $2) \
-             ON CONFLICT (user_id) DO UPDATE SET tat = excluded.tat",
-        )
-        .bind(target.as_str())
-        .bind(new_tat)
-        .execute(&mut *tx)
-        .await?;
-
-        let regular = sqlx::query(
-            "DELETE FROM key_packages WHERE id = \
-             (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id LIMIT 1) \
-             RETURNING data, fingerprint",
-        )
-        .bind(target.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let outcome = match regular {
-            Some(row) => consumed(row, false)?,
-            None => {
-                let last_resort = sqlx::query(
-                    "UPDATE users SET last_resort_handouts = last_resort_handouts + 1 \
-                     WHERE user_id = $1 AND last_resort IS NOT NULL \
-                     RETURNING last_resort, last_resort_fingerprint",
-                )
+        sqlx::query(CHARGE_BUDGET)
+            .bind(target.as_str())
+            .bind(new_tat)
+            .execute(&mut *tx)
+            .await?;
+        let mut package: Option<ConsumedRow> = sqlx::query_as(TAKE_OLDEST)
+            .bind(target.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if package.is_none() {
+            package = sqlx::query_as(HAND_OUT_LAST_RESORT)
                 .bind(target.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
-                match last_resort {
-                    Some(row) => consumed(row, true)?,
-                    None => ConsumeOutcome::Empty,
-                }
-            }
-        };
+        }
         tx.commit().await?;
-        Ok(outcome)
+        Ok(match package {
+            Some(package) => ConsumeOutcome::Consumed(package.into()),
+            None => ConsumeOutcome::Empty,
+        })
     }
 
     async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
@@ -196,29 +273,22 @@ impl KeyPackageStore for SqliteStore {
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM key_packages WHERE user_id = $1")
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "UPDATE users SET last_resort = NULL, last_resort_digest = NULL, \
-             last_resort_fingerprint = '', last_resort_handouts = 0 WHERE user_id = $1",
-        )
-        .bind(user.as_str())
-        .execute(&mut *tx)
-        .await?;
+        for statement in [DELETE_REGULAR, DELETE_LAST_RESORT] {
+            sqlx::query(statement)
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
 
     async fn fingerprint(&self, user: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
-        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
-            "SELECT fingerprint, fingerprint_updated_at FROM users WHERE user_id = $1",
-        )
-        .bind(user.as_str())
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(row.and_then(|(fp, at)| Some((stored_fingerprint(fp)?, at.unwrap_or(0)))))
+        let row: Option<FingerprintRow> = sqlx::query_as(FINGERPRINT)
+            .bind(user.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.and_then(FingerprintRow::into_pair))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -227,7 +297,7 @@ impl KeyPackageStore for SqliteStore {
     }
 
     async fn prune_budgets(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM consume_budgets WHERE tat <= $1")
+        let done = sqlx::query(PRUNE_BUDGETS)
             .bind(now_ms)
             .execute(&self.writer)
             .await?;
@@ -235,35 +305,10 @@ impl KeyPackageStore for SqliteStore {
     }
 }
 
-fn consumed(
-    row: sqlx::sqlite::SqliteRow,
-    is_last_resort: bool,
-) -> Result<ConsumeOutcome, StoreError> {
-    let data: Vec<u8> = row.try_get(0)?;
-    let fingerprint: String = row.try_get(1)?;
-    Ok(ConsumeOutcome::Consumed(Consumed {
-        key_package: data.into(),
-        is_last_resort,
-        fingerprint: stored_fingerprint(Some(fingerprint)),
-    }))
-}
-
 async fn status_in(conn: &mut sqlx::SqliteConnection, user: &UserId) -> Result<Status, StoreError> {
-    let row: Option<(i64, bool, Option<String>, i64)> = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM key_packages WHERE user_id = $1), \
-                last_resort IS NOT NULL, fingerprint, last_resort_handouts \
-         FROM users WHERE user_id = $1",
-    )
-    .bind(user.as_str())
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(match row {
-        Some((count, has_last_resort, fingerprint, handouts)) => Status {
-            regular_count: count as u32,
-            has_last_resort,
-            fingerprint: stored_fingerprint(fingerprint),
-            last_resort_handouts: handouts as u64,
-        },
-        None => Status::default(),
-    })
+    let row: Option<StatusRow> = sqlx::query_as(STATUS)
+        .bind(user.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(Status::from).unwrap_or_default())
 }

@@ -17,7 +17,7 @@ use keypackage_server::{
     app::Limits,
     auth::{Authenticator, VerifyingKey},
     key_package::UserId,
-    store::Budget,
+    rate_limit::Budget,
     wire::KeyPackageStatus,
 };
 use prost::Message;

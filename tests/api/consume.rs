@@ -4,9 +4,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use keypackage_server::{
-    app::Limits,
-    key_package::UserId,
-    store::{Budget, ConsumeOutcome},
+    app::Limits, key_package::UserId, rate_limit::Budget, store::ConsumeOutcome,
     wire::KeyPackageResponse,
 };
 use prost::Message;

@@ -8,7 +8,8 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use keypackage_server::{
     key_package::{UserId, MAX_REGULAR_PACKAGES},
-    store::{Budget, ConsumeOutcome, KeyPackageStore, Upload},
+    rate_limit::Budget,
+    store::{ConsumeOutcome, KeyPackageStore, Upload},
 };
 use proptest::{prelude::*, test_runner::TestRunner};
 

@@ -8,7 +8,8 @@ use std::sync::{
 use async_trait::async_trait;
 use keypackage_server::{
     key_package::{Fingerprint, UserId},
-    store::{Budget, ConsumeOutcome, KeyPackageStore, Status, StoreError, Upload, UploadOutcome},
+    rate_limit::Budget,
+    store::{ConsumeOutcome, KeyPackageStore, Status, StoreError, Upload, UploadOutcome},
 };
 
 use crate::helpers::*;

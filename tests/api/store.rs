@@ -6,61 +6,40 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use bytes::Bytes;
 use keypackage_server::{
     key_package::{Upload, UserId, MAX_REGULAR_PACKAGES},
-    store::{
-        self, conformance, Budget, ConnectOptions, ConsumeOutcome, KeyPackageStore, StoreError,
-    },
+    rate_limit::Budget,
+    store::{self, ConnectOptions, ConsumeOutcome, KeyPackageStore, StoreError},
 };
 use tokio::sync::Barrier;
 
 use crate::helpers::{kp, TestDb};
 
-/// One test per conformance case, so each runs on its own database and fails under its name.
-macro_rules! conformance_tests {
-    ($($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test]
-            async fn $case() {
-                let db = TestDb::new().await;
-                let store = db.store().await;
-                conformance::$case(store.as_ref()).await;
-            }
-        )*
+/// Every conformance case on a fresh SQLite file, whatever backend the run targets.
+mod sqlite {
+    keypackage_server::conformance_tests!(fresh_store);
 
-        /// The cases run above.
-        const RUN_HERE: &[&str] = &[$(stringify!($case)),*];
-    };
+    async fn fresh_store() -> Option<(
+        crate::helpers::TestDb,
+        std::sync::Arc<dyn super::KeyPackageStore>,
+    )> {
+        let db = crate::helpers::TestDb::sqlite();
+        let store = db.store().await;
+        Some((db, store))
+    }
 }
 
-conformance_tests!(
-    status_of_an_unknown_user_is_zeros,
-    regular_packages_are_handed_out_oldest_first,
-    one_upload_of_fifteen_keeps_the_newest_ten,
-    successive_uploads_keep_the_newest_ten,
-    last_resort_is_handed_out_when_no_regular_is_left_and_never_removed,
-    last_resort_handouts_count_only_last_resort_hand_outs,
-    replacing_the_last_resort_resets_its_handouts,
-    entry_identical_to_a_held_regular_package_is_skipped,
-    entry_identical_to_the_held_last_resort_is_skipped,
-    last_resort_entry_identical_to_a_held_regular_package_is_skipped,
-    retried_upload_changes_nothing,
-    fingerprint_is_recorded_with_each_package,
-    fingerprint_updated_at_changes_only_with_the_value,
-    delete_all_removes_every_package_and_keeps_the_fingerprint,
-    users_are_isolated,
-    budget_allows_a_burst_then_rate_limits_until_refilled,
-    rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget,
-    budgets_are_per_target,
-    prune_budgets_removes_only_refilled_state,
-);
+/// Every conformance case on a fresh Postgres database, when `TEST_DATABASE_URL` names one.
+mod postgres {
+    keypackage_server::conformance_tests!(fresh_store);
 
-#[test]
-fn every_conformance_case_runs_here() {
-    let listed: HashSet<&str> = conformance::CASES.iter().map(|(name, _)| *name).collect();
-    let run: HashSet<&str> = RUN_HERE.iter().copied().collect();
-    assert_eq!(
-        listed, run,
-        "tests/api/store.rs must run every case in conformance::CASES"
-    );
+    async fn fresh_store() -> Option<(
+        crate::helpers::TestDb,
+        std::sync::Arc<dyn super::KeyPackageStore>,
+    )> {
+        let admin = crate::helpers::postgres_admin_url()?;
+        let db = crate::helpers::TestDb::postgres(&admin).await;
+        let store = db.store().await;
+        Some((db, store))
+    }
 }
 
 /// A budget these tests never exhaust.
