@@ -8,25 +8,18 @@ use std::{
 
 use tokio::{task::JoinSet, time::Instant};
 
-use crate::{
-    helpers::{kp, TestDb},
-    process::{postgres_db, ServerProcess, TempDir},
-};
+use crate::harness::*;
 
 /// A test package as text, for failure messages.
 fn readable(package: &[u8]) -> String {
     String::from_utf8_lossy(&package[4..]).into_owned()
 }
 
-/// Starts two servers on `db` at the same time (so both apply migrations at once).
+/// Starts two servers on `db` at once, with a pool small enough for two on one server.
 async fn start_pair(db: &TestDb, dir: &TempDir, extra: &[(&str, &str)]) -> [ServerProcess; 2] {
     let mut settings = vec![("KPS_DB_MAX_CONNECTIONS", "8")];
     settings.extend_from_slice(extra);
-    let (a, b) = tokio::join!(
-        ServerProcess::start_on(db, dir, &settings),
-        ServerProcess::start_on(db, dir, &settings)
-    );
-    [a, b]
+    ServerProcess::start_pair(db, dir, &settings).await
 }
 
 /// One consume request's answer: status, body bytes (if 200) and whether it was last-resort.
@@ -41,7 +34,7 @@ async fn consume(base: String, client: reqwest::Client, caller: String, target: 
     use prost::Message;
     let response = client
         .get(format!("{base}/api/v1/key-packages/{target}"))
-        .bearer_auth(crate::helpers::token(&caller))
+        .bearer_auth(crate::harness::token(&caller))
         .timeout(Duration::from_secs(30))
         .send()
         .await
@@ -68,7 +61,7 @@ async fn consume(base: String, client: reqwest::Client, caller: String, target: 
 async fn two_processes_hand_out_every_package_exactly_once() {
     const USERS: usize = 12;
     const EXTRA: usize = 3;
-    let Some(db) = postgres_db("two_processes_hand_out_every_package_exactly_once").await else {
+    let Some(db) = postgres_only!() else {
         return;
     };
     let dir = TempDir::new();
@@ -82,7 +75,7 @@ async fn two_processes_hand_out_every_package_exactly_once() {
             .collect();
         entries.push((kp(&format!("{user}-last-resort")), true));
         uploaded.extend(entries[..10].iter().map(|(data, _)| data.clone()));
-        let status = servers[u % 2].upload(&user, &entries).await;
+        let status = servers[u % 2].upload(&user, &entries, "").await;
         assert_eq!(status.regular_count, 10);
     }
 
@@ -145,7 +138,7 @@ async fn two_processes_hand_out_every_package_exactly_once() {
 async fn the_consumption_budget_is_shared_by_both_processes() {
     const REQUESTS: usize = 30;
     const BUDGET: usize = 10;
-    let Some(db) = postgres_db("the_consumption_budget_is_shared_by_both_processes").await else {
+    let Some(db) = postgres_only!() else {
         return;
     };
     let dir = TempDir::new();
@@ -153,7 +146,7 @@ async fn the_consumption_budget_is_shared_by_both_processes() {
     let servers = start_pair(&db, &dir, &[]).await;
     let mut entries: Vec<_> = (0..10).map(|i| (kp(&format!("bob-{i}")), false)).collect();
     entries.push((kp("bob-last-resort"), true));
-    servers[0].upload("bob", &entries).await;
+    servers[0].upload("bob", &entries, "").await;
 
     let started = Instant::now();
     let mut requests = JoinSet::new();

@@ -12,7 +12,7 @@ use keypackage_server::{
 };
 use tokio::sync::Barrier;
 
-use crate::helpers::{kp, TestDb};
+use crate::harness::{kp, TestDb};
 
 /// One test per conformance case, so each runs on its own database and fails under its name.
 macro_rules! conformance_tests {
