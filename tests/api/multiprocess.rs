@@ -15,11 +15,15 @@ fn readable(package: &[u8]) -> String {
     String::from_utf8_lossy(&package[4..]).into_owned()
 }
 
-/// Starts two servers on `db` at once, with a pool small enough for two on one server.
+/// Starts two servers on `db` at the same time (so both apply migrations at once).
 async fn start_pair(db: &TestDb, dir: &TempDir, extra: &[(&str, &str)]) -> [ServerProcess; 2] {
     let mut settings = vec![("KPS_DB_MAX_CONNECTIONS", "8")];
     settings.extend_from_slice(extra);
-    ServerProcess::start_pair(db, dir, &settings).await
+    let (a, b) = tokio::join!(
+        ServerProcess::start_on(db, dir, &settings),
+        ServerProcess::start_on(db, dir, &settings)
+    );
+    [a, b]
 }
 
 /// One consume request's answer: status, body bytes (if 200) and whether it was last-resort.

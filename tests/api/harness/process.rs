@@ -233,19 +233,6 @@ impl ServerProcess {
         Self::start(&vars).await
     }
 
-    /// Starts two servers on `db` at the same time (so both apply migrations at once).
-    pub(crate) async fn start_pair(
-        db: &TestDb,
-        data_dir: &TempDir,
-        extra: &[(&str, &str)],
-    ) -> [Self; 2] {
-        let (a, b) = tokio::join!(
-            Self::start_on(db, data_dir, extra),
-            Self::start_on(db, data_dir, extra)
-        );
-        [a, b]
-    }
-
     /// Waits (bounded) for a stderr line matching `want`; `Err(log)` if the child closes
     /// stderr (exits) first or the deadline passes.
     pub(crate) async fn wait_for_line(
