@@ -1,5 +1,6 @@
 //! `GET /api/v1/key-packages/{user_id}`: FIFO hand-out, the last-resort fallback, user-id
-//! validation and the per-target consumption budget.
+//! validation and the per-target consumption budget, on one server and on two processes
+//! sharing a database.
 
 use std::{collections::HashSet, time::Duration};
 

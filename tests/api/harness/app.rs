@@ -19,7 +19,7 @@ pub(crate) struct TestApp {
     /// The server's state (store, metrics, limiter).
     pub(crate) state: AppState,
     /// The database; dropped (and removed) with the app.
-    pub(crate) db: TestDb,
+    _db: TestDb,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -77,7 +77,7 @@ pub(crate) async fn spawn_app_with_store(
     TestApp {
         api: ApiClient::new(base),
         state,
-        db,
+        _db: db,
         shutdown: Some(tx),
         server: Some(server),
     }

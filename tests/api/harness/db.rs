@@ -20,13 +20,8 @@ pub(crate) struct TestDb {
 }
 
 enum Cleanup {
-    /// Another handle owns the database and removes it.
-    Borrowed,
     Dir(PathBuf),
-    Postgres {
-        admin_url: String,
-        name: String,
-    },
+    Postgres { admin_url: String, name: String },
 }
 
 fn unique_name(prefix: &str) -> String {
@@ -77,15 +72,6 @@ impl TestDb {
         }
     }
 
-    /// A second handle on the same database (for a second server process); it removes nothing
-    /// when dropped, so drop it before or with the original.
-    pub(crate) fn share(&self) -> Self {
-        Self {
-            url: self.url.clone(),
-            cleanup: Cleanup::Borrowed,
-        }
-    }
-
     /// True when this database is Postgres.
     pub(crate) fn is_postgres(&self) -> bool {
         matches!(self.cleanup, Cleanup::Postgres { .. })
@@ -102,7 +88,6 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         match &self.cleanup {
-            Cleanup::Borrowed => {}
             Cleanup::Dir(dir) => {
                 let _ = std::fs::remove_dir_all(dir);
             }

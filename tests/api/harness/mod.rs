@@ -2,8 +2,6 @@
 //! the real binary as a child; `client`: the one typed API client both of them dereference to;
 //! `raw`: hand-written HTTP/1.1; `tokens`: signing and forging JWTs; `wire`: bodies and answers.
 
-#![allow(dead_code)]
-
 mod app;
 mod client;
 mod db;
