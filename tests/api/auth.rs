@@ -1,12 +1,12 @@
 //! Bearer tokens: every `/api/v1` route needs one; anything but a valid token of the configured
 //! key and algorithm, with `exp` and a valid `sub` (and `iss`/`aud` when configured), is a 401.
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use keypackage_server::auth::{Authenticator, VerifyingKey};
 use prost::Message;
 use serde_json::{json, Value};
 
-use crate::helpers::*;
+use crate::harness::*;
 
 /// A fixed Ed25519 test key pair (generated with `openssl genpkey -algorithm ed25519`).
 const ED25519_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
@@ -25,23 +25,6 @@ const OTHER_ED25519_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
 MC4CAQAwBQYDK2VwBCIEIJThb1sWR/92YqSoEfcJbShpznV0CjGB/WBc+UjGe+od
 -----END PRIVATE KEY-----
 ";
-/// An RSA test key, for RS256 tokens.
-const RSA_PRIVATE_PEM: &str = include_str!("fixtures/rsa-2048-test-key.pem");
-
-/// Claims of a token for `sub` that expires in an hour.
-fn claims(sub: &str) -> Value {
-    json!({ "sub": sub, "exp": unix_now() + 3600, "iat": unix_now() })
-}
-
-/// Signs `claims` with `algorithm` and `key`.
-fn sign(algorithm: Algorithm, key: &EncodingKey, claims: &Value) -> String {
-    jsonwebtoken::encode(&Header::new(algorithm), claims, key).expect("sign")
-}
-
-/// Signs `claims` as HS256 with the test servers' secret.
-fn hs256(claims: &Value) -> String {
-    sign(Algorithm::HS256, &EncodingKey::from_secret(SECRET), claims)
-}
 
 /// Signs `claims` as EdDSA with the fixed test key.
 fn eddsa(claims: &Value) -> String {
@@ -49,60 +32,11 @@ fn eddsa(claims: &Value) -> String {
     sign(Algorithm::EdDSA, &key, claims)
 }
 
-/// Base64url without padding, as JWTs encode their segments.
-fn base64url(bytes: &[u8]) -> String {
-    base64(bytes)
-        .trim_end_matches('=')
-        .replace('+', "-")
-        .replace('/', "_")
-}
-
 /// An unsigned token (`alg: none`) carrying `claims`.
 fn unsigned(claims: &Value) -> String {
     let header = base64url(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = base64url(claims.to_string().as_bytes());
     format!("{header}.{payload}.")
-}
-
-/// GETs the caller's status with this `Authorization` header (none if `None`).
-async fn status_with(app: &TestApp, authorization: Option<&str>) -> reqwest::Response {
-    let mut request = app.client.get(app.url("/api/v1/key-packages"));
-    if let Some(value) = authorization {
-        request = request.header("authorization", value);
-    }
-    request.send().await.expect("request")
-}
-
-/// Asserts a 401 problem with `WWW-Authenticate: Bearer`.
-async fn assert_unauthorized(response: reqwest::Response, what: &str) {
-    assert_eq!(response.status(), 401, "{what}");
-    let challenge = response
-        .headers()
-        .get("www-authenticate")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    assert!(
-        challenge
-            .as_deref()
-            .is_some_and(|c| c.starts_with("Bearer")),
-        "{what}: WWW-Authenticate {challenge:?}"
-    );
-    problem(response, 401, "unauthorized").await;
-}
-
-/// Asserts that the token is accepted, so the refusals next to it are about what they vary.
-async fn assert_accepted(app: &TestApp, token: &str) {
-    let response = status_with(app, Some(&format!("Bearer {token}"))).await;
-    assert_eq!(response.status(), 200, "{:?}", response.text().await);
-}
-
-/// Asserts that the token is refused with 401.
-async fn assert_refused(app: &TestApp, token: &str, what: &str) {
-    assert_unauthorized(
-        status_with(app, Some(&format!("Bearer {token}"))).await,
-        what,
-    )
-    .await;
 }
 
 #[tokio::test]
@@ -134,7 +68,7 @@ async fn every_api_route_requires_a_bearer_token() {
 async fn a_missing_or_non_bearer_authorization_header_is_refused() {
     let app = spawn_app().await;
     let valid = token("bob");
-    assert_unauthorized(status_with(&app, None).await, "no header").await;
+    assert_unauthorized(app.status_with(None).await, "no header").await;
     for header in [
         String::new(),
         "Bearer".to_owned(),
@@ -145,9 +79,9 @@ async fn a_missing_or_non_bearer_authorization_header_is_refused() {
         "Basic Ym9iOnNlY3JldA==".to_owned(),
         format!("Bearer{valid}"),
     ] {
-        assert_unauthorized(status_with(&app, Some(&header)).await, &header).await;
+        assert_unauthorized(app.status_with(Some(&header)).await, &header).await;
     }
-    assert_accepted(&app, &valid).await;
+    assert_accepted(&app, &valid, "a valid token").await;
 }
 
 #[tokio::test]
@@ -162,14 +96,6 @@ async fn a_garbage_token_is_refused() {
     ] {
         assert_refused(&app, garbage, garbage).await;
     }
-}
-
-#[tokio::test]
-async fn an_expired_token_is_refused() {
-    let app = spawn_app().await;
-    let expired = json!({ "sub": "bob", "exp": unix_now() - 600, "iat": unix_now() - 4200 });
-    assert_refused(&app, &hs256(&expired), "expired").await;
-    assert_accepted(&app, &hs256(&claims("bob"))).await;
 }
 
 #[tokio::test]
@@ -195,21 +121,6 @@ async fn a_token_whose_payload_was_altered_is_refused() {
 }
 
 #[tokio::test]
-async fn an_unsigned_alg_none_token_is_refused() {
-    let app = spawn_app().await;
-    assert_refused(&app, &unsigned(&claims("bob")), "alg none").await;
-    // Also with the signature of a genuine token appended.
-    let genuine = hs256(&claims("bob"));
-    let signature = genuine.rsplit('.').next().unwrap();
-    assert_refused(
-        &app,
-        &format!("{}{signature}", unsigned(&claims("bob"))),
-        "alg none, signed",
-    )
-    .await;
-}
-
-#[tokio::test]
 async fn tokens_of_another_algorithm_than_hs256_are_refused() {
     let app = spawn_app().await;
     let secret = EncodingKey::from_secret(SECRET);
@@ -222,8 +133,12 @@ async fn tokens_of_another_algorithm_than_hs256_are_refused() {
         )
         .await;
     }
-    let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).expect("RSA key");
-    assert_refused(&app, &sign(Algorithm::RS256, &rsa, &claims("bob")), "RS256").await;
+    assert_refused(
+        &app,
+        &sign(Algorithm::RS256, &rsa_key(), &claims("bob")),
+        "RS256",
+    )
+    .await;
     assert_refused(&app, &eddsa(&claims("bob")), "EdDSA").await;
 }
 
@@ -253,8 +168,13 @@ async fn a_token_whose_sub_is_not_a_valid_user_id_is_refused() {
     ] {
         assert_refused(&app, &hs256(&claims(sub)), &format!("sub {sub:?}")).await;
     }
-    assert_accepted(&app, &hs256(&claims("AZaz09._~@:+-"))).await;
-    assert_accepted(&app, &hs256(&claims(&"x".repeat(128)))).await;
+    assert_accepted(
+        &app,
+        &hs256(&claims("AZaz09._~@:+-")),
+        "every allowed character",
+    )
+    .await;
+    assert_accepted(&app, &hs256(&claims(&"x".repeat(128))), "128 characters").await;
 }
 
 #[tokio::test]
@@ -282,18 +202,13 @@ async fn the_token_subject_is_the_caller() {
 
 /// A server that verifies tokens with the fixed Ed25519 public key.
 async fn spawn_eddsa_app() -> TestApp {
-    let key = VerifyingKey::from_pem(ED25519_PUBLIC_PEM.as_bytes()).expect("Ed25519 PEM");
-    spawn_app_with(AppOptions {
-        auth: Authenticator::new(key, None, None),
-        ..AppOptions::default()
-    })
-    .await
+    spawn_public_key_app(ED25519_PUBLIC_PEM, None, None).await
 }
 
 #[tokio::test]
 async fn with_a_public_key_configured_eddsa_tokens_verify() {
     let app = spawn_eddsa_app().await;
-    assert_accepted(&app, &eddsa(&claims("bob"))).await;
+    assert_accepted(&app, &eddsa(&claims("bob")), "EdDSA").await;
     let other = EncodingKey::from_ed_pem(OTHER_ED25519_PRIVATE_PEM.as_bytes()).unwrap();
     assert_refused(
         &app,
@@ -352,7 +267,7 @@ async fn with_issuer_and_audience_configured_matching_tokens_verify() {
     let mut good = claims("bob");
     good["iss"] = "https://idp.example".into();
     good["aud"] = "keypackage-server".into();
-    assert_accepted(&app, &hs256(&good)).await;
+    assert_accepted(&app, &hs256(&good), "matching iss and aud").await;
 }
 
 #[tokio::test]

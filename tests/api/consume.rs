@@ -1,5 +1,6 @@
 //! `GET /api/v1/key-packages/{user_id}`: FIFO hand-out, the last-resort fallback, user-id
-//! validation and the per-target consumption budget.
+//! validation and the per-target consumption budget, on one server and on two processes
+//! sharing a database.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -9,7 +10,7 @@ use keypackage_server::{
 };
 use prost::Message;
 
-use crate::helpers::*;
+use crate::harness::*;
 
 /// Asserts a 429 `rate_limited` with a whole-seconds `Retry-After` no longer than one refill
 /// interval (6 s at the default budget, plus rounding up).
@@ -29,7 +30,7 @@ async fn assert_rate_limited(response: reqwest::Response) {
 }
 
 /// Consumes `target` `n` times as `caller` and returns the statuses.
-async fn consume_statuses(app: &TestApp, caller: &str, target: &str, n: usize) -> Vec<u16> {
+async fn consume_statuses(app: &ApiClient, caller: &str, target: &str, n: usize) -> Vec<u16> {
     let mut statuses = Vec::with_capacity(n);
     for _ in 0..n {
         statuses.push(app.consume_raw(caller, target).await.status().as_u16());
@@ -397,42 +398,52 @@ async fn the_shared_budget_refills_one_request_per_interval() {
 
 #[tokio::test]
 async fn the_budget_is_shared_by_server_processes_on_one_database() {
-    let db = TestDb::new().await;
-    let shared = db.share();
-    let first = spawn_app_on(db, AppOptions::default()).await;
-    let second = spawn_app_on(shared, AppOptions::default()).await;
+    let TwoProcesses { first, second, .. } = &two_processes(None).await;
     assert_eq!(
-        consume_statuses(&first, "alice", "bob", 5).await,
+        consume_statuses(first, "alice", "bob", 5).await,
         vec![404; 5]
     );
     assert_eq!(
-        consume_statuses(&second, "alice", "bob", 5).await,
+        consume_statuses(second, "alice", "bob", 5).await,
         vec![404; 5]
     );
     assert_rate_limited(first.consume_raw("alice", "bob").await).await;
     assert_rate_limited(second.consume_raw("alice", "bob").await).await;
-    drop(second);
 }
 
-/// Two server processes on one database, each allowing plenty of consumption.
-async fn two_processes() -> (TestApp, TestApp) {
-    let generous = AppOptions {
-        limits: Limits {
-            budget: Budget::per_minute(1000),
-            ..Limits::default()
-        },
-        ..AppOptions::default()
-    };
+/// Two server processes on one database; the servers go first when dropped,
+/// then the data directory and the database.
+struct TwoProcesses {
+    first: ServerProcess,
+    second: ServerProcess,
+    _dir: TempDir,
+    _db: TestDb,
+}
+
+/// Starts [`TwoProcesses`], each with `KPS_CONSUME_LIMIT_PER_MINUTE` set to `limit` (or the
+/// default when `None`).
+async fn two_processes(limit: Option<&str>) -> TwoProcesses {
     let db = TestDb::new().await;
-    let shared = db.share();
-    let first = spawn_app_on(db, generous.clone()).await;
-    let second = spawn_app_on(shared, generous).await;
-    (first, second)
+    let dir = TempDir::new();
+    let settings: Vec<_> = limit
+        .map(|limit| ("KPS_CONSUME_LIMIT_PER_MINUTE", limit))
+        .into_iter()
+        .collect();
+    // One after the other: the first applies the migrations, which two processes racing on a
+    // fresh SQLite file cannot do at once.
+    let first = ServerProcess::start_on(&db, &dir, &settings).await;
+    let second = ServerProcess::start_on(&db, &dir, &settings).await;
+    TwoProcesses {
+        first,
+        second,
+        _dir: dir,
+        _db: db,
+    }
 }
 
 /// Sends 30 concurrent consumption requests for bob, alternating between the two processes,
 /// and returns each status with its body.
-async fn consume_concurrently(first: &TestApp, second: &TestApp) -> Vec<(u16, bytes::Bytes)> {
+async fn consume_concurrently(first: &ApiClient, second: &ApiClient) -> Vec<(u16, bytes::Bytes)> {
     let mut requests = tokio::task::JoinSet::new();
     for i in 0..30 {
         let app = if i % 2 == 0 { first } else { second };
@@ -455,12 +466,12 @@ async fn consume_concurrently(first: &TestApp, second: &TestApp) -> Vec<(u16, by
 
 #[tokio::test]
 async fn a_regular_package_is_handed_out_at_most_once_under_concurrency_across_processes() {
-    let (first, second) = two_processes().await;
+    let TwoProcesses { first, second, .. } = &two_processes(Some("1000")).await;
     let entries: Vec<_> = (0..10).map(|i| (kp(&format!("p{i}")), false)).collect();
     first.upload("bob", &entries, "").await;
 
     let mut handed_out = HashSet::new();
-    for (status, body) in consume_concurrently(&first, &second).await {
+    for (status, body) in consume_concurrently(first, second).await {
         match status {
             200 => {
                 let got = KeyPackageResponse::decode(body).expect("protobuf");
@@ -480,15 +491,14 @@ async fn a_regular_package_is_handed_out_at_most_once_under_concurrency_across_p
         10,
         "every package is either handed out or still held"
     );
-    drop(second);
 }
 
 #[tokio::test]
 async fn concurrent_consumers_on_two_processes_all_get_an_answer() {
-    let (first, second) = two_processes().await;
+    let TwoProcesses { first, second, .. } = &two_processes(Some("1000")).await;
     let entries: Vec<_> = (0..10).map(|i| (kp(&format!("p{i}")), false)).collect();
     first.upload("bob", &entries, "").await;
-    let statuses: Vec<u16> = consume_concurrently(&first, &second)
+    let statuses: Vec<u16> = consume_concurrently(first, second)
         .await
         .into_iter()
         .map(|(status, _)| status)
@@ -503,5 +513,4 @@ async fn concurrent_consumers_on_two_processes_all_get_an_answer() {
         20,
         "{statuses:?}"
     );
-    drop(second);
 }

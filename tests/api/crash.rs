@@ -11,10 +11,7 @@ use std::{
 
 use tokio::{sync::watch, task::JoinSet, time::Instant};
 
-use crate::{
-    helpers::{kp, upload_request, TestDb},
-    process::{ServerProcess, TempDir, PROCESS_PATIENCE},
-};
+use crate::harness::*;
 
 /// Uploads confirmed before the kill.
 const CONFIRMED_BEFORE_KILL: usize = 30;
@@ -87,7 +84,7 @@ async fn upload_worker(stream: Arc<Stream>) {
         let answer = stream
             .client
             .post(format!("{}/api/v1/key-packages", stream.base))
-            .bearer_auth(crate::helpers::token(&user_id(user)))
+            .bearer_auth(crate::harness::token(&user_id(user)))
             .header("content-type", "application/x-protobuf")
             .body(body)
             .send()
@@ -119,7 +116,7 @@ async fn consume_worker(stream: Arc<Stream>, caller: String) {
                 stream.base,
                 user_id(target)
             ))
-            .bearer_auth(crate::helpers::token(&caller))
+            .bearer_auth(crate::harness::token(&caller))
             .send()
             .await;
         let response = match answer {
@@ -231,14 +228,11 @@ async fn a_killed_server_leaves_uploads_whole_or_absent_and_hands_nothing_out_tw
     let server = ServerProcess::start_on(&db, &dir, &settings).await;
     for user in 0..launched {
         loop {
-            let response = server
-                .consume_raw("drainer", &user_id(user))
-                .await
-                .expect("consume after restart");
+            let response = server.consume_raw("drainer", &user_id(user)).await;
             match response.status().as_u16() {
                 200 => {
                     let message: keypackage_server::wire::KeyPackageResponse =
-                        crate::helpers::decode(response).await;
+                        crate::harness::decode(response).await;
                     assert!(!message.is_last_resort);
                     ledger
                         .handed_out

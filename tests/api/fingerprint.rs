@@ -2,7 +2,7 @@
 
 use keypackage_server::wire::SigningKeyFingerprint;
 
-use crate::helpers::*;
+use crate::harness::*;
 
 #[tokio::test]
 async fn fingerprint_route_returns_the_current_fingerprint_and_when_it_was_set() {

@@ -10,13 +10,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{
-    helpers::{kp, token, upload_request, TestDb},
-    process::{
-        env, is_ready_line, run_to_exit, secret_str, server_env, stderr_lines, Env, ServerProcess,
-        TempDir, PROCESS_PATIENCE,
-    },
-};
+use crate::harness::*;
 
 /// Runs `keypackage-server token <user> --ttl <ttl>` and returns the printed token.
 async fn issue_token(vars: &Env, user: &str, ttl: &str) -> String {
@@ -34,15 +28,9 @@ async fn issue_token(vars: &Env, user: &str, ttl: &str) -> String {
 
 /// GET of the caller's status with `bearer`; returns the HTTP status.
 async fn status_with(server: &ServerProcess, bearer: &str) -> u16 {
-    server
-        .client
-        .get(server.url("/api/v1/key-packages"))
-        .bearer_auth(bearer)
-        .send()
-        .await
-        .expect("status request")
-        .status()
-        .as_u16()
+    let authorization = format!("Bearer {bearer}");
+    let response = server.status_with(Some(&authorization)).await;
+    response.status().as_u16()
 }
 
 #[tokio::test]
@@ -139,7 +127,7 @@ async fn server_creates_a_missing_data_dir_and_its_sqlite_database() {
     ]);
     let mut server = ServerProcess::start(&vars).await;
     assert!(data_dir.is_dir(), "KPS_DATA_DIR was created");
-    server.upload("alice", &[(kp("kept"), false)]).await;
+    server.upload("alice", &[(kp("kept"), false)], "").await;
     server.sigterm();
     assert!(server.wait_exit().await.success());
 
@@ -161,7 +149,7 @@ async fn server_creates_a_missing_data_dir_and_its_sqlite_database() {
     ]);
     let server = ServerProcess::start(&vars).await;
     assert!(db_file.is_file(), "the SQLite file was created");
-    server.upload("bob", &[(kp("kept"), false)]).await;
+    server.upload("bob", &[(kp("kept"), false)], "").await;
 }
 
 #[tokio::test]
@@ -291,7 +279,7 @@ async fn logs_one_ready_line_and_healthz_answers_from_then_on() {
         .await
         .expect("readyz");
     assert_eq!(ready.status(), 200);
-    server.upload("alice", &[(kp("one"), false)]).await;
+    server.upload("alice", &[(kp("one"), false)], "").await;
     let health = server
         .client
         .get(server.url("/healthz"))

@@ -1,12 +1,15 @@
 //! The one integration-test binary: a real server on a fresh database per test.
-//! Set `TEST_DATABASE_URL=postgres://…` to run every test on Postgres instead of SQLite.
+//! Set `TEST_DATABASE_URL=postgres://…` to run every test on Postgres instead of SQLite, and
+//! `TEST_LOG=1` to see the servers' logs.
+
+#[macro_use]
+mod harness;
 
 mod attack;
 mod auth;
 mod consume;
 mod crash;
 mod fingerprint;
-mod helpers;
 mod lifecycle;
 mod model;
 mod multiprocess;
@@ -14,7 +17,6 @@ mod negotiation;
 mod openmls_flow;
 mod ops;
 mod outage;
-mod process;
 mod status;
 mod store;
 mod upload;

@@ -13,7 +13,7 @@ use keypackage_server::{
 };
 use proptest::{prelude::*, test_runner::TestRunner};
 
-use crate::helpers::TestDb;
+use crate::harness::TestDb;
 
 /// One entry of a generated upload.
 #[derive(Clone, Debug)]
@@ -314,7 +314,7 @@ fn run_model(cases: u32, ops: std::ops::Range<usize>, regressions: Vec<Vec<Op>>)
 
 #[test]
 fn store_matches_the_model_of_the_contract_for_random_operation_sequences() {
-    let default = if crate::helpers::postgres_admin_url().is_some() {
+    let default = if crate::harness::postgres_admin_url().is_some() {
         48
     } else {
         96

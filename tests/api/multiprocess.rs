@@ -8,10 +8,7 @@ use std::{
 
 use tokio::{task::JoinSet, time::Instant};
 
-use crate::{
-    helpers::{kp, TestDb},
-    process::{postgres_db, ServerProcess, TempDir},
-};
+use crate::harness::*;
 
 /// A test package as text, for failure messages.
 fn readable(package: &[u8]) -> String {
@@ -41,7 +38,7 @@ async fn consume(base: String, client: reqwest::Client, caller: String, target: 
     use prost::Message;
     let response = client
         .get(format!("{base}/api/v1/key-packages/{target}"))
-        .bearer_auth(crate::helpers::token(&caller))
+        .bearer_auth(crate::harness::token(&caller))
         .timeout(Duration::from_secs(30))
         .send()
         .await
@@ -68,7 +65,7 @@ async fn consume(base: String, client: reqwest::Client, caller: String, target: 
 async fn two_processes_hand_out_every_package_exactly_once() {
     const USERS: usize = 12;
     const EXTRA: usize = 3;
-    let Some(db) = postgres_db("two_processes_hand_out_every_package_exactly_once").await else {
+    let Some(db) = postgres_only!() else {
         return;
     };
     let dir = TempDir::new();
@@ -82,7 +79,7 @@ async fn two_processes_hand_out_every_package_exactly_once() {
             .collect();
         entries.push((kp(&format!("{user}-last-resort")), true));
         uploaded.extend(entries[..10].iter().map(|(data, _)| data.clone()));
-        let status = servers[u % 2].upload(&user, &entries).await;
+        let status = servers[u % 2].upload(&user, &entries, "").await;
         assert_eq!(status.regular_count, 10);
     }
 
@@ -145,7 +142,7 @@ async fn two_processes_hand_out_every_package_exactly_once() {
 async fn the_consumption_budget_is_shared_by_both_processes() {
     const REQUESTS: usize = 30;
     const BUDGET: usize = 10;
-    let Some(db) = postgres_db("the_consumption_budget_is_shared_by_both_processes").await else {
+    let Some(db) = postgres_only!() else {
         return;
     };
     let dir = TempDir::new();
@@ -153,7 +150,7 @@ async fn the_consumption_budget_is_shared_by_both_processes() {
     let servers = start_pair(&db, &dir, &[]).await;
     let mut entries: Vec<_> = (0..10).map(|i| (kp(&format!("bob-{i}")), false)).collect();
     entries.push((kp("bob-last-resort"), true));
-    servers[0].upload("bob", &entries).await;
+    servers[0].upload("bob", &entries, "").await;
 
     let started = Instant::now();
     let mut requests = JoinSet::new();

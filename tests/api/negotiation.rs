@@ -4,7 +4,7 @@
 use keypackage_server::wire::KeyPackageStatus;
 use serde_json::{json, Value};
 
-use crate::helpers::*;
+use crate::harness::*;
 
 /// GETs `path` as `user` with the given `Accept` header.
 async fn get_accepting(

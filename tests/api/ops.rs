@@ -12,7 +12,7 @@ use keypackage_server::{
     store::{ConsumeOutcome, KeyPackageStore, Status, StoreError, Upload, UploadOutcome},
 };
 
-use crate::helpers::*;
+use crate::harness::*;
 
 #[tokio::test]
 async fn healthz_answers_200_without_a_token() {

@@ -14,10 +14,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{
-    helpers::{kp, problem, token, upload_request},
-    process::{postgres_db, ServerProcess, TempDir, PROCESS_PATIENCE},
-};
+use crate::harness::*;
 
 /// How long an answer may take while the database is away ("a few seconds", generously).
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
@@ -178,19 +175,19 @@ async fn requests_get_503_while_the_database_is_unreachable_and_recover_after() 
 /// Runs a server through the proxy, takes the database away as `mode` says, checks every kind
 /// of request is answered with 503 in bounded time, then restores it and checks recovery.
 async fn outage(mode: Mode) {
-    let Some(db) = postgres_db(&format!("outage ({mode:?})")).await else {
+    let Some(db) = postgres_only!(format!("outage ({mode:?})")) else {
         return;
     };
     let (prefix, upstream, path) = split_url(&db.url);
     let proxy = Proxy::start(upstream).await;
     let dir = TempDir::new();
-    let mut vars = crate::process::server_env(&db, &dir);
+    let mut vars = crate::harness::server_env(&db, &dir);
     vars.insert(
         "DATABASE_URL".into(),
         Some(format!("{prefix}{}{path}", proxy.addr)),
     );
     let server = ServerProcess::start(&vars).await;
-    server.upload("bob", &[(kp("before"), false)]).await;
+    server.upload("bob", &[(kp("before"), false)], "").await;
     assert_eq!(get_status(&server, "/readyz").await, 200);
 
     match mode {
@@ -249,8 +246,8 @@ async fn outage(mode: Mode) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    server.upload("alice", &[(kp("after"), false)]).await;
-    let response = server.consume_raw("alice", "bob").await.expect("consume");
+    server.upload("alice", &[(kp("after"), false)], "").await;
+    let response = server.consume_raw("alice", "bob").await;
     assert_eq!(
         response.status(),
         200,

@@ -2,7 +2,7 @@
 
 use keypackage_server::wire::KeyPackageStatus;
 
-use crate::helpers::*;
+use crate::harness::*;
 
 #[tokio::test]
 async fn status_of_a_caller_who_never_uploaded_is_all_zeros() {

@@ -11,17 +11,16 @@ use keypackage_server::{
 };
 use tokio::sync::Barrier;
 
-use crate::helpers::{kp, TestDb};
+use crate::harness::{kp, TestDb};
 
 /// Every conformance case on a fresh SQLite file, whatever backend the run targets.
 mod sqlite {
+    use super::{Arc, KeyPackageStore, TestDb};
+
     keypackage_server::conformance_tests!(fresh_store);
 
-    async fn fresh_store() -> Option<(
-        crate::helpers::TestDb,
-        std::sync::Arc<dyn super::KeyPackageStore>,
-    )> {
-        let db = crate::helpers::TestDb::sqlite();
+    async fn fresh_store() -> Option<(TestDb, Arc<dyn KeyPackageStore>)> {
+        let db = TestDb::sqlite();
         let store = db.store().await;
         Some((db, store))
     }
@@ -29,14 +28,12 @@ mod sqlite {
 
 /// Every conformance case on a fresh Postgres database, when `TEST_DATABASE_URL` names one.
 mod postgres {
+    use super::{Arc, KeyPackageStore, TestDb};
+
     keypackage_server::conformance_tests!(fresh_store);
 
-    async fn fresh_store() -> Option<(
-        crate::helpers::TestDb,
-        std::sync::Arc<dyn super::KeyPackageStore>,
-    )> {
-        let admin = crate::helpers::postgres_admin_url()?;
-        let db = crate::helpers::TestDb::postgres(&admin).await;
+    async fn fresh_store() -> Option<(TestDb, Arc<dyn KeyPackageStore>)> {
+        let db = postgres_only!()?;
         let store = db.store().await;
         Some((db, store))
     }

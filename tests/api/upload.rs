@@ -7,14 +7,7 @@ use keypackage_server::{
 };
 use prost::Message;
 
-use crate::helpers::*;
-
-/// A key package of exactly `len` bytes (`len` ≥ 4) with a valid header.
-fn kp_of_len(len: usize, fill: u8) -> Vec<u8> {
-    let mut v = kp("");
-    v.resize(len, fill);
-    v
-}
+use crate::harness::*;
 
 /// Asserts that `user` holds exactly what `before` says and that the fingerprint route still
 /// answers `fingerprint_before` (`None`: 404).

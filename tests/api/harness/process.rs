@@ -1,17 +1,17 @@
 //! The real binary as a child process: spawned with environment variables on a free port,
-//! awaited until it logs readiness and answers `/healthz`, signalled, and killed when dropped.
+//! awaited until it logs readiness and answers `/healthz`, signalled, and killed when dropped;
+//! its stderr is kept for the test and echoed when `TEST_LOG` is set.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    ops::Deref,
     path::{Path, PathBuf},
     process::{ExitStatus, Output, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use keypackage_server::wire::{KeyPackageStatus, UploadKeyPackagesRequest};
-use prost::Message;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -19,28 +19,28 @@ use tokio::{
     time::Instant,
 };
 
-use crate::helpers::{decode, postgres_admin_url, token, upload_request, TestDb, SECRET};
+use super::{test_log, ApiClient, TestDb, SECRET};
 
 /// The binary under test, built by cargo for this test run.
-pub const BIN: &str = env!("CARGO_BIN_EXE_keypackage-server");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_keypackage-server");
 
 /// How long a process may take to start, stop or answer; generous for a loaded machine.
-pub const PROCESS_PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const PROCESS_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Environment variables for the child; `None` removes one that the base would set.
-pub type Env = BTreeMap<String, Option<String>>;
+pub(crate) type Env = BTreeMap<String, Option<String>>;
 
 /// The test secret as the `KPS_JWT_SECRET` value.
-pub fn secret_str() -> String {
+pub(crate) fn secret_str() -> String {
     String::from_utf8(SECRET.to_vec()).expect("the test secret is ASCII")
 }
 
 /// A temporary directory, removed when dropped.
-pub struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
     /// A fresh, existing, empty directory.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = std::env::temp_dir().join(format!(
             "kps_proc_{}_{:016x}",
             std::process::id(),
@@ -51,12 +51,12 @@ impl TempDir {
     }
 
     /// `path` inside the directory.
-    pub fn join(&self, path: impl AsRef<Path>) -> PathBuf {
+    pub(crate) fn join(&self, path: impl AsRef<Path>) -> PathBuf {
         self.0.join(path)
     }
 
     /// The path as a string, for environment variables.
-    pub fn path_str(&self, path: impl AsRef<Path>) -> String {
+    pub(crate) fn path_str(&self, path: impl AsRef<Path>) -> String {
         self.join(path).display().to_string()
     }
 }
@@ -68,7 +68,7 @@ impl Drop for TempDir {
 }
 
 /// Builds an [`Env`] from pairs.
-pub fn env(pairs: &[(&str, &str)]) -> Env {
+pub(crate) fn env(pairs: &[(&str, &str)]) -> Env {
     pairs
         .iter()
         .map(|(k, v)| ((*k).to_owned(), Some((*v).to_owned())))
@@ -76,7 +76,7 @@ pub fn env(pairs: &[(&str, &str)]) -> Env {
 }
 
 /// The usual environment for a server on `db`: the test secret, a data dir of its own.
-pub fn server_env(db: &TestDb, data_dir: &TempDir) -> Env {
+pub(crate) fn server_env(db: &TestDb, data_dir: &TempDir) -> Env {
     env(&[
         ("DATABASE_URL", &db.url),
         ("KPS_JWT_SECRET", &secret_str()),
@@ -84,20 +84,9 @@ pub fn server_env(db: &TestDb, data_dir: &TempDir) -> Env {
     ])
 }
 
-/// A fresh Postgres database, or `None` (with a note) when the run targets SQLite.
-pub async fn postgres_db(test: &str) -> Option<TestDb> {
-    match postgres_admin_url() {
-        Some(admin) => Some(TestDb::postgres(&admin).await),
-        None => {
-            eprintln!("{test}: skipped, needs TEST_DATABASE_URL=postgres://…");
-            None
-        }
-    }
-}
-
 /// A command for the binary with none of the test runner's own settings leaking in: every
 /// `KPS_*`, `DATABASE_URL` and `RUST_LOG` is removed, logs are at `info`, then `vars` apply.
-pub fn command(vars: &Env) -> Command {
+pub(crate) fn command(vars: &Env) -> Command {
     let mut cmd = Command::new(BIN);
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
@@ -117,7 +106,7 @@ pub fn command(vars: &Env) -> Command {
 }
 
 /// Runs the binary with `args` to completion (bounded by [`PROCESS_PATIENCE`]).
-pub async fn run_to_exit(args: &[&str], vars: &Env) -> Output {
+pub(crate) async fn run_to_exit(args: &[&str], vars: &Env) -> Output {
     let child = command(vars)
         .args(args)
         .stdout(Stdio::piped())
@@ -131,7 +120,7 @@ pub async fn run_to_exit(args: &[&str], vars: &Env) -> Output {
 }
 
 /// The non-empty lines of a child's stderr.
-pub fn stderr_lines(output: &Output) -> Vec<String> {
+pub(crate) fn stderr_lines(output: &Output) -> Vec<String> {
     String::from_utf8_lossy(&output.stderr)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -140,7 +129,7 @@ pub fn stderr_lines(output: &Output) -> Vec<String> {
 }
 
 /// True when `line` contains the word "ready" (not "readyz" or "readiness").
-pub fn is_ready_line(line: &str) -> bool {
+pub(crate) fn is_ready_line(line: &str) -> bool {
     line.split(|c: char| !c.is_ascii_alphanumeric())
         .any(|word| word.eq_ignore_ascii_case("ready"))
 }
@@ -152,13 +141,11 @@ struct Log {
 }
 
 /// A running `keypackage-server serve`, killed when dropped.
-pub struct ServerProcess {
-    /// `http://127.0.0.1:PORT`.
-    pub base: String,
+pub(crate) struct ServerProcess {
+    /// The typed client for this server (also reached through `Deref`).
+    pub(crate) api: ApiClient,
     /// The address it listens on.
-    pub addr: SocketAddr,
-    /// A plain HTTP client.
-    pub client: reqwest::Client,
+    pub(crate) addr: SocketAddr,
     child: Child,
     pid: u32,
     log: Arc<Log>,
@@ -174,7 +161,7 @@ fn free_port() -> u16 {
 
 impl ServerProcess {
     /// Spawns the server with `vars` on a free port and returns at once, without waiting.
-    pub fn spawn(vars: &Env) -> Self {
+    pub(crate) fn spawn(vars: &Env) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut vars = vars.clone();
         vars.insert("KPS_LISTEN_ADDR".into(), Some(addr.to_string()));
@@ -191,18 +178,21 @@ impl ServerProcess {
             closed,
         });
         let sink = log.clone();
+        let echo = test_log::enabled();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("[server {pid}] {line}");
+                }
                 sink.lines.lock().expect("log lock").push(line);
                 closed_tx.send_modify(|_| {});
             }
             closed_tx.send_replace(true);
         });
         Self {
-            base: format!("http://{addr}"),
+            api: ApiClient::new(format!("http://{addr}")),
             addr,
-            client: reqwest::Client::new(),
             child,
             pid,
             log,
@@ -210,7 +200,7 @@ impl ServerProcess {
     }
 
     /// Starts the server with `vars` and waits until it is ready and `/healthz` answers.
-    pub async fn start(vars: &Env) -> Self {
+    pub(crate) async fn start(vars: &Env) -> Self {
         let server = Self::spawn_ready(vars).await;
         server.wait_healthy().await;
         server
@@ -220,7 +210,7 @@ impl ServerProcess {
     ///
     /// The port is picked free just before the spawn; should another process take it in
     /// between, the child exits naming `KPS_LISTEN_ADDR` and we try again on another port.
-    pub async fn spawn_ready(vars: &Env) -> Self {
+    pub(crate) async fn spawn_ready(vars: &Env) -> Self {
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -237,7 +227,7 @@ impl ServerProcess {
     }
 
     /// Starts a server on `db` with the usual settings plus `extra`.
-    pub async fn start_on(db: &TestDb, data_dir: &TempDir, extra: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start_on(db: &TestDb, data_dir: &TempDir, extra: &[(&str, &str)]) -> Self {
         let mut vars = server_env(db, data_dir);
         vars.extend(env(extra));
         Self::start(&vars).await
@@ -245,7 +235,10 @@ impl ServerProcess {
 
     /// Waits (bounded) for a stderr line matching `want`; `Err(log)` if the child closes
     /// stderr (exits) first or the deadline passes.
-    pub async fn wait_for_line(&self, want: impl Fn(&str) -> bool) -> Result<String, String> {
+    pub(crate) async fn wait_for_line(
+        &self,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + PROCESS_PATIENCE;
         let mut closed = self.log.closed.clone();
         loop {
@@ -265,7 +258,7 @@ impl ServerProcess {
     }
 
     /// Polls `/healthz` until it answers 200 (bounded).
-    pub async fn wait_healthy(&self) {
+    pub(crate) async fn wait_healthy(&self) {
         let deadline = Instant::now() + PROCESS_PATIENCE;
         loop {
             let answer = self
@@ -287,17 +280,17 @@ impl ServerProcess {
     }
 
     /// Everything the child has written to stderr so far.
-    pub fn lines(&self) -> Vec<String> {
+    pub(crate) fn lines(&self) -> Vec<String> {
         self.log.lines.lock().expect("log lock").clone()
     }
 
     /// The log as one text, for failure messages.
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.lines().join("\n")
     }
 
     /// Sends `signal` (`TERM`, `INT`, `KILL`) with kill(1); the child must still be running.
-    pub fn signal(&mut self, signal: &str) {
+    pub(crate) fn signal(&mut self, signal: &str) {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!(
                 "the server exited before SIG{signal} ({status}); log:\n{}",
@@ -312,88 +305,30 @@ impl ServerProcess {
     }
 
     /// SIGTERM.
-    pub fn sigterm(&mut self) {
+    pub(crate) fn sigterm(&mut self) {
         self.signal("TERM");
     }
 
     /// SIGKILL, then waits for the process to be gone.
-    pub async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         let _ = self.child.start_kill();
         self.wait_exit().await;
     }
 
     /// Waits (bounded) for the process to exit and returns its status.
-    pub async fn wait_exit(&mut self) -> ExitStatus {
+    pub(crate) async fn wait_exit(&mut self) -> ExitStatus {
         match tokio::time::timeout(PROCESS_PATIENCE, self.child.wait()).await {
             Ok(status) => status.expect("wait for the server"),
             Err(_) => panic!("the server did not exit; log:\n{}", self.log_text()),
         }
     }
+}
 
-    /// An absolute URL for `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
+impl Deref for ServerProcess {
+    type Target = ApiClient;
 
-    /// POSTs a protobuf upload as `user`.
-    pub async fn upload_raw(
-        &self,
-        user: &str,
-        request: &UploadKeyPackagesRequest,
-    ) -> reqwest::Result<reqwest::Response> {
-        self.client
-            .post(self.url("/api/v1/key-packages"))
-            .bearer_auth(token(user))
-            .header("content-type", "application/x-protobuf")
-            .body(request.encode_to_vec())
-            .send()
-            .await
-    }
-
-    /// Uploads `entries` as `user`, expecting 201; returns the status.
-    pub async fn upload(&self, user: &str, entries: &[(Vec<u8>, bool)]) -> KeyPackageStatus {
-        let response = self
-            .upload_raw(user, &upload_request(entries, ""))
-            .await
-            .expect("upload request");
-        assert_eq!(
-            response.status(),
-            201,
-            "upload: {:?}",
-            response.text().await
-        );
-        decode(response).await
-    }
-
-    /// GETs `/api/v1/key-packages/{target}` as `caller`.
-    pub async fn consume_raw(
-        &self,
-        caller: &str,
-        target: &str,
-    ) -> reqwest::Result<reqwest::Response> {
-        self.client
-            .get(self.url(&format!("/api/v1/key-packages/{target}")))
-            .bearer_auth(token(caller))
-            .send()
-            .await
-    }
-
-    /// The caller's own status, expecting 200.
-    pub async fn status(&self, user: &str) -> KeyPackageStatus {
-        let response = self
-            .client
-            .get(self.url("/api/v1/key-packages"))
-            .bearer_auth(token(user))
-            .send()
-            .await
-            .expect("status request");
-        assert_eq!(
-            response.status(),
-            200,
-            "status: {:?}",
-            response.text().await
-        );
-        decode(response).await
+    fn deref(&self) -> &ApiClient {
+        &self.api
     }
 }
 
