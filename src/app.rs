@@ -149,7 +149,8 @@ pub async fn serve(
     };
     use tower::ServiceExt;
 
-    let pruning = state.limiter.spawn_pruning(rate_limit::LIMITER_PRUNE_EVERY);
+    let pruning =
+        rate_limit::spawn_limiter_pruning(state.limiter.clone(), rate_limit::LIMITER_PRUNE_EVERY);
     let budgets =
         rate_limit::spawn_budget_pruning(state.store.clone(), rate_limit::BUDGET_PRUNE_EVERY);
     let app = router(state);

@@ -130,6 +130,14 @@ impl From<InvalidUpload> for ApiError {
     }
 }
 
+impl From<crate::rate_limit::Refused> for ApiError {
+    fn from(refused: crate::rate_limit::Refused) -> Self {
+        Self::RateLimited {
+            retry_after: refused.retry_after,
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {

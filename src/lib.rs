@@ -4,9 +4,10 @@
 //! - [`key_package`]: domain types parsed at the edge (`UserId`, `Fingerprint`, `KeyPackage`).
 //! - [`wire`]: the protobuf messages and protobuf/JSON negotiation.
 //! - [`store`]: the storage trait with SQLite and Postgres backends and their conformance suite.
-//! - [`auth`], [`rate_limit`]: bearer tokens and the per-target consumption limiter.
+//! - [`auth`]: bearer tokens; [`rate_limit`]: the consumption budget (GCRA), its in-process
+//!   pre-check and pruning.
 //! - [`app`], [`routes`], [`error`], [`metrics`]: the HTTP application.
-//! - [`config`]: settings from flags and environment.
+//! - [`config`]: settings from flags and environment; [`clock`]: wall-clock time as stored.
 
 pub mod app;
 pub mod auth;

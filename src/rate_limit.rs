@@ -1,26 +1,21 @@
-//! The consumption budget: one GCRA [`Budget`], charged by the store in the consumption
-//! transaction (shared by every process on one database), a per-process tower-governor pre-check
-//! keyed by the target user id in the path, and the pruning that keeps both small.
+//! The consumption budget: one GCRA [`Budget`], charged by the store in the consumption step
+//! (shared by every process on one database), an in-process pre-check ([`LocalBudgets`]) that
+//! refuses from memory what the shared budget would certainly refuse, and the pruning that
+//! keeps both small.
 
-use std::{sync::Arc, time::Duration};
-
-use axum::{
-    body::Body,
-    http::{Request, Response},
-    response::IntoResponse,
-};
-use governor::middleware::NoOpMiddleware;
-use tower_governor::{
-    governor::{GovernorConfig, GovernorConfigBuilder},
-    key_extractor::KeyExtractor,
-    GovernorError, GovernorLayer,
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash, RandomState},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use crate::{clock, error::ApiError, key_package::UserId, store::KeyPackageStore};
+use crate::{clock, key_package::UserId, store::KeyPackageStore};
 
-/// A per-target consumption budget: a GCRA bucket of `burst` requests refilling one every
-/// `interval`. The store charges it atomically with the hand-out; [`ConsumeLimiter`] applies
-/// the same budget in memory first.
+/// A consumption budget: a GCRA bucket of `burst` requests refilling one every `interval`.
+///
+/// The state of a bucket is its theoretical arrival time `tat` (µs since the epoch): the bucket
+/// is full when `tat <= now` and empty when `tat >= now + window - interval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
     /// Requests allowed at once when the bucket is full.
@@ -39,27 +34,169 @@ impl Budget {
         }
     }
 
-    /// GCRA decision. `tat` is the stored theoretical arrival time (ms since the epoch, or `None`
-    /// if the target has no state); returns the new `tat` to store, or the time to wait.
-    pub fn decide(&self, tat: Option<i64>, now_ms: i64) -> Result<i64, Duration> {
-        let interval = self.interval_ms();
-        let new_tat = tat.unwrap_or(now_ms).max(now_ms) + interval;
-        let allowed_until = now_ms + self.window_ms();
+    /// GCRA decision at `now_us` for a bucket whose stored state is `tat` (`None`: no state, a
+    /// full bucket): the new `tat` to store, or the time until one more request is allowed.
+    ///
+    /// A stored `tat` beyond `now + window` (written by a clock that ran ahead) counts as an
+    /// empty bucket, so it never locks a target out for longer than one interval.
+    pub fn decide(&self, tat: Option<i64>, now_us: i64) -> Result<i64, Duration> {
+        let new_tat = self.advance(tat, now_us);
+        let allowed_until = now_us.saturating_add(self.window_us());
         if new_tat <= allowed_until {
             Ok(new_tat)
         } else {
-            Err(Duration::from_millis((new_tat - allowed_until) as u64))
+            Err(Duration::from_micros((new_tat - allowed_until) as u64))
         }
     }
 
-    /// The refill interval in milliseconds (at least 1).
-    pub fn interval_ms(&self) -> i64 {
-        (self.interval.as_millis() as i64).max(1)
+    /// The stored state `tat` as it must be kept at `now_us`: at most one window ahead. A row
+    /// written by a clock that ran ahead is cut back to an empty bucket, which then refills
+    /// normally; stores write this back when they refuse a request.
+    pub fn clamp(&self, tat: i64, now_us: i64) -> i64 {
+        tat.min(now_us.saturating_add(self.window_us()))
     }
 
-    /// How far ahead of now a target's `tat` may run: `burst` intervals.
-    pub fn window_ms(&self) -> i64 {
-        self.interval_ms() * i64::from(self.burst)
+    /// The state after one more request at `now_us`, whether or not the budget allows it.
+    fn advance(&self, tat: Option<i64>, now_us: i64) -> i64 {
+        let ceiling = now_us.saturating_add(self.window_us());
+        tat.unwrap_or(now_us)
+            .clamp(now_us, ceiling)
+            .saturating_add(self.interval_us())
+    }
+
+    /// The refill interval in microseconds (at least 1).
+    pub fn interval_us(&self) -> i64 {
+        i64::try_from(self.interval.as_micros())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// How far ahead of now a bucket's `tat` may run: `burst` intervals.
+    pub fn window_us(&self) -> i64 {
+        self.interval_us().saturating_mul(i64::from(self.burst))
+    }
+}
+
+/// A budget refused a request: one more is allowed after `retry_after`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Time until the budget allows one more request.
+    pub retry_after: Duration,
+}
+
+/// The in-process pre-check of one [`Budget`] for many keys (targets, callers, pairs).
+///
+/// It only learns from requests the shared budget has already charged ([`LocalBudgets::record`])
+/// or refused ([`LocalBudgets::learn`]), so its state never runs ahead of the shared one: what it
+/// refuses, the shared budget would refuse too. A request that fails (5xx) is never recorded.
+pub struct LocalBudgets<K> {
+    budget: Budget,
+    shards: Box<[Mutex<HashMap<K, i64>>]>,
+    hasher: RandomState,
+}
+
+/// Shards of a [`LocalBudgets`] map: enough that concurrent requests rarely share a lock.
+const SHARDS: usize = 32;
+
+impl<K: Hash + Eq + Clone> LocalBudgets<K> {
+    /// An empty pre-check of `budget`.
+    pub fn new(budget: Budget) -> Self {
+        Self {
+            budget,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &K) -> std::sync::MutexGuard<'_, HashMap<K, i64>> {
+        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        // A poisoned shard only means another request panicked while holding it; the map
+        // itself is always consistent (every update is a single insert).
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `Err` when, by what this process knows, the budget of `key` is spent at `now_us`.
+    pub fn check(&self, key: &K, now_us: i64) -> Result<(), Refused> {
+        let tat = self.shard(key).get(key).copied();
+        self.budget
+            .decide(tat, now_us)
+            .map(|_| ())
+            .map_err(|retry_after| Refused { retry_after })
+    }
+
+    /// Records a request the shared budget charged; `at_us` is when the request started, which
+    /// is no later than when the database charged it.
+    pub fn record(&self, key: &K, at_us: i64) {
+        let mut shard = self.shard(key);
+        let tat = self.budget.advance(shard.get(key).copied(), at_us);
+        shard.insert(key.clone(), tat);
+    }
+
+    /// Learns from a refusal of the shared budget at `at_us` with `wait`: the bucket stays empty
+    /// until then, so further requests are refused from memory.
+    pub fn learn(&self, key: &K, at_us: i64, wait: Duration) {
+        let wait_us = i64::try_from(wait.as_micros()).unwrap_or(i64::MAX);
+        let empty_until = at_us
+            .saturating_add(self.budget.window_us() - self.budget.interval_us())
+            .saturating_add(wait_us);
+        let mut shard = self.shard(key);
+        let tat = shard.get(key).copied().unwrap_or(i64::MIN).max(empty_until);
+        shard.insert(key.clone(), tat);
+    }
+
+    /// Forgets keys whose bucket has refilled at `now_us` (no state is a full bucket), so memory
+    /// follows the recently active keys rather than every key ever seen.
+    pub fn prune(&self, now_us: i64) {
+        for shard in self.shards.iter() {
+            let mut shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shard.retain(|_, tat| *tat > now_us);
+            shard.shrink_to_fit();
+        }
+    }
+
+    /// Keys with state.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+            })
+            .sum()
+    }
+
+    /// True when no key has state.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The per-process pre-check of the consumption budgets, keyed by target user.
+pub struct ConsumeLimiter {
+    targets: LocalBudgets<UserId>,
+}
+
+impl ConsumeLimiter {
+    /// A pre-check of `budget` per target.
+    pub fn new(budget: Budget) -> Self {
+        Self {
+            targets: LocalBudgets::new(budget),
+        }
+    }
+
+    /// The per-target pre-check.
+    pub fn targets(&self) -> &LocalBudgets<UserId> {
+        &self.targets
+    }
+
+    /// Forgets refilled state now.
+    pub fn prune(&self) {
+        self.targets.prune(clock::unix_micros());
     }
 }
 
@@ -69,10 +206,13 @@ pub const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// How often refilled budget rows are dropped from the database.
 pub const BUDGET_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Drops fully refilled consumption budgets from the database every `every`, so the table stays
-/// as small as the set of recently consumed targets.
-pub fn spawn_budget_pruning(
-    store: std::sync::Arc<dyn KeyPackageStore>,
+/// Budget rows one pruning statement deletes at most, so it stays far below the statement
+/// timeout and (on SQLite) holds the only writer only briefly.
+pub const BUDGET_PRUNE_BATCH: u32 = 1000;
+
+/// Prunes the in-process limiter every `every` until the runtime stops.
+pub fn spawn_limiter_pruning(
+    limiter: Arc<ConsumeLimiter>,
     every: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -80,142 +220,70 @@ pub fn spawn_budget_pruning(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = store.prune_budgets(clock::unix_millis()).await {
+            limiter.prune();
+        }
+    })
+}
+
+/// Drops fully refilled consumption budgets from the database every `every`, in batches of
+/// [`BUDGET_PRUNE_BATCH`], so the table stays as small as the set of recently consumed targets.
+pub fn spawn_budget_pruning(
+    store: Arc<dyn KeyPackageStore>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = prune_budgets(store.as_ref()).await {
                 tracing::warn!(error = %e, "pruning consumption budgets failed");
             }
         }
     })
 }
 
-/// Path prefix of the consumption route; the rest of the path is the target user id.
-const CONSUME_PREFIX: &str = "/api/v1/key-packages/";
-
-/// Keys the limiter by the (validated) target user id of a consumption request.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TargetUser;
-
-impl KeyExtractor for TargetUser {
-    type Key = UserId;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
-        let segment = req
-            .uri()
-            .path()
-            .strip_prefix(CONSUME_PREFIX)
-            .ok_or(GovernorError::UnableToExtractKey)?;
-        target_user(segment).ok_or(GovernorError::Other {
-            code: axum::http::StatusCode::BAD_REQUEST,
-            msg: None,
-            headers: None,
-        })
-    }
-}
-
-/// The user id a raw path segment names, percent-decoded as the router decodes it.
-pub fn target_user(segment: &str) -> Option<UserId> {
-    let decoded = percent_encoding::percent_decode_str(segment)
-        .decode_utf8()
-        .ok()?;
-    UserId::parse(&decoded).ok()
-}
-
-/// The limiter's shared state, for the cleanup task and for tests.
-pub type Limiter = tower_governor::governor::SharedRateLimiter<UserId, NoOpMiddleware>;
-
-/// The configured layer and a handle to its state.
-pub struct ConsumeLimiter {
-    config: Arc<GovernorConfig<TargetUser, NoOpMiddleware>>,
-}
-
-impl ConsumeLimiter {
-    /// A bucket of `budget.burst` requests per target, refilling one every `budget.interval`.
-    pub fn new(budget: Budget) -> Self {
-        let config = GovernorConfigBuilder::default()
-            .key_extractor(TargetUser)
-            .period(budget.interval.max(Duration::from_nanos(1)))
-            .burst_size(budget.burst.max(1))
-            .methods(vec![axum::http::Method::GET])
-            .error_handler(error_response)
-            .finish()
-            .map(Arc::new)
-            .unwrap_or_else(|| unreachable!("period and burst are non-zero"));
-        Self { config }
-    }
-
-    /// The tower layer to put on the consumption route.
-    pub fn layer(&self) -> GovernorLayer<TargetUser, NoOpMiddleware> {
-        GovernorLayer {
-            config: self.config.clone(),
+/// Deletes refilled budget rows batch by batch (by the database's clock) until none is left.
+pub async fn prune_budgets(store: &dyn KeyPackageStore) -> Result<u64, crate::store::StoreError> {
+    let mut total = 0;
+    loop {
+        let deleted = store.prune_budgets(None, BUDGET_PRUNE_BATCH).await?;
+        total += deleted;
+        if deleted < u64::from(BUDGET_PRUNE_BATCH) {
+            return Ok(total);
         }
+        // Let requests waiting for the (SQLite) writer in between batches.
+        tokio::task::yield_now().await;
     }
-
-    /// The keyed limiter state.
-    pub fn limiter(&self) -> &Limiter {
-        self.config.limiter()
-    }
-
-    /// Forgets targets whose bucket has refilled, so memory follows the recently active set
-    /// rather than every target ever asked for.
-    pub fn prune(&self) {
-        prune(self.limiter());
-    }
-
-    /// Prunes every `every` until the runtime stops.
-    pub fn spawn_pruning(&self, every: Duration) -> tokio::task::JoinHandle<()> {
-        let config = self.config.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                prune(config.limiter());
-            }
-        })
-    }
-}
-
-fn prune(limiter: &Limiter) {
-    limiter.retain_recent();
-    limiter.shrink_to_fit();
-}
-
-fn error_response(error: GovernorError) -> Response<Body> {
-    match error {
-        GovernorError::TooManyRequests { wait_time, .. } => ApiError::RateLimited {
-            // governor truncates to whole seconds; the true wait is below wait_time + 1.
-            retry_after: Duration::from_secs(wait_time + 1),
-        },
-        GovernorError::Other { .. } => ApiError::InvalidUserId(crate::key_package::InvalidUserId),
-        GovernorError::UnableToExtractKey => ApiError::NotFound,
-    }
-    .into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const SECOND: i64 = 1_000_000;
+
     #[test]
     fn budget_allows_a_burst_then_one_per_interval() {
         let b = Budget::per_minute(10);
         assert_eq!(b.interval, Duration::from_secs(6));
         let mut tat = None;
-        let now = 1_000_000;
+        let now = 1_000 * SECOND;
         for _ in 0..10 {
             tat = Some(b.decide(tat, now).expect("within burst"));
         }
         let wait = b.decide(tat, now).unwrap_err();
         assert_eq!(wait, Duration::from_secs(6));
-        assert!(b.decide(tat, now + 5_999).is_err());
-        let after = b.decide(tat, now + 6_000).expect("one refilled");
-        assert!(b.decide(Some(after), now + 6_000).is_err());
+        assert!(b.decide(tat, now + 6 * SECOND - 1).is_err());
+        let after = b.decide(tat, now + 6 * SECOND).expect("one refilled");
+        assert!(b.decide(Some(after), now + 6 * SECOND).is_err());
     }
 
     #[test]
     fn budget_state_older_than_now_is_a_full_bucket() {
         let b = Budget::per_minute(3);
-        let now = 50_000;
-        let mut tat = Some(now - 1_000_000);
+        let now = 50 * SECOND;
+        let mut tat = Some(now - 1_000 * SECOND);
         for _ in 0..3 {
             tat = Some(b.decide(tat, now).unwrap());
         }
@@ -223,45 +291,105 @@ mod tests {
     }
 
     #[test]
-    fn target_user_is_percent_decoded_and_validated() {
-        assert_eq!(target_user("alice").unwrap().as_str(), "alice");
-        assert_eq!(target_user("a%40b").unwrap().as_str(), "a@b");
-        assert!(target_user("a%2Fb").is_none());
-        assert!(target_user("a%00").is_none());
-        assert!(target_user("%FF").is_none());
-        assert!(target_user("").is_none());
-    }
-
-    #[test]
-    fn limiter_allows_the_budget_then_refuses() {
-        let limiter = ConsumeLimiter::new(Budget::per_minute(10));
-        let bob = UserId::parse("bob").unwrap();
-        for _ in 0..10 {
-            assert!(limiter.limiter().check_key(&bob).is_ok());
+    fn refill_intervals_below_a_millisecond_are_kept_exactly() {
+        // 40 000 per minute refill one every 1.5 ms, not every 1 ms.
+        let b = Budget::per_minute(40_000);
+        assert_eq!(b.interval_us(), 1_500);
+        let now = 7 * SECOND;
+        let mut tat = None;
+        for _ in 0..40_000 {
+            tat = Some(b.decide(tat, now).unwrap());
         }
-        assert!(limiter.limiter().check_key(&bob).is_err());
-        let carol = UserId::parse("carol").unwrap();
         assert!(
-            limiter.limiter().check_key(&carol).is_ok(),
-            "budgets are per target"
+            b.decide(tat, now + 1_000).is_err(),
+            "nothing refilled after 1 ms"
+        );
+        assert!(
+            b.decide(tat, now + 1_500).is_ok(),
+            "one refilled after 1.5 ms"
         );
     }
 
     #[test]
-    fn pruning_forgets_refilled_targets_so_memory_stays_bounded() {
-        // One request per target refills after 1 ms, so every key is stale soon after.
-        let limiter = ConsumeLimiter::new(Budget {
-            burst: 10,
-            interval: Duration::from_micros(100),
-        });
-        for i in 0..100_000 {
-            let user = UserId::parse(&format!("user{i}")).unwrap();
-            limiter.limiter().check_key(&user).unwrap();
+    fn a_tat_written_by_a_clock_far_ahead_is_clamped_to_one_window() {
+        let b = Budget::per_minute(10);
+        let now = 1_000 * SECOND;
+        // A host whose clock runs an hour ahead charged the whole budget.
+        let mut ahead = None;
+        for _ in 0..10 {
+            ahead = Some(b.decide(ahead, now + 3_600 * SECOND).unwrap());
         }
-        assert_eq!(limiter.limiter().len(), 100_000);
-        // Wait out the refill of the last key (100 µs); not a race, just elapsed time.
-        std::thread::sleep(Duration::from_millis(5));
-        limiter.prune();
-        assert_eq!(limiter.limiter().len(), 0);
+        // Here it reads as an empty bucket, refilling within one interval, not in an hour,
+        // once the store has written the clamped state back.
+        assert_eq!(b.decide(ahead, now).unwrap_err(), Duration::from_secs(6));
+        let kept = b.clamp(ahead.unwrap(), now);
+        assert_eq!(kept, now + 60 * SECOND);
+        assert!(b.decide(Some(kept), now + 6 * SECOND).is_ok());
+    }
+
+    #[test]
+    fn local_budgets_refuse_only_after_recorded_charges() {
+        let local = LocalBudgets::new(Budget::per_minute(3));
+        let now = 100 * SECOND;
+        for _ in 0..3 {
+            assert!(local.check(&"bob", now).is_ok());
+            local.record(&"bob", now);
+        }
+        assert_eq!(
+            local.check(&"bob", now).unwrap_err().retry_after,
+            Duration::from_secs(20)
+        );
+        assert!(local.check(&"carol", now).is_ok(), "budgets are per key");
+        assert!(
+            local.check(&"bob", now + 20 * SECOND).is_ok(),
+            "one refilled"
+        );
+    }
+
+    #[test]
+    fn checking_spends_nothing_so_failed_requests_cost_no_budget() {
+        let local = LocalBudgets::new(Budget::per_minute(2));
+        let now = 100 * SECOND;
+        // Requests that were checked but failed before the shared budget charged them.
+        for _ in 0..100 {
+            assert!(local.check(&"bob", now).is_ok());
+        }
+        assert!(local.is_empty());
+    }
+
+    #[test]
+    fn a_learned_refusal_is_refused_from_memory_until_its_wait_has_passed() {
+        let b = Budget::per_minute(10);
+        let local = LocalBudgets::new(b);
+        let now = 100 * SECOND;
+        local.learn(&"bob", now, Duration::from_secs(4));
+        let wait = local.check(&"bob", now).unwrap_err().retry_after;
+        assert_eq!(wait, Duration::from_secs(4));
+        assert!(local.check(&"bob", now + 4 * SECOND).is_ok());
+        // Never more pessimistic than the shared state it learned from.
+        let mut shared = None;
+        for _ in 0..10 {
+            shared = Some(b.decide(shared, now).unwrap());
+        }
+        let shared_wait = b.decide(shared, now).unwrap_err();
+        local.learn(&"carol", now, shared_wait);
+        assert_eq!(
+            local.check(&"carol", now).unwrap_err().retry_after,
+            shared_wait
+        );
+    }
+
+    #[test]
+    fn pruning_forgets_refilled_keys_so_memory_stays_bounded() {
+        let local = LocalBudgets::new(Budget::per_minute(10));
+        let now = 100 * SECOND;
+        for i in 0..100_000 {
+            local.record(&i, now);
+        }
+        assert_eq!(local.len(), 100_000);
+        local.prune(now + 5 * SECOND);
+        assert_eq!(local.len(), 100_000, "not refilled yet");
+        local.prune(now + 6 * SECOND);
+        assert!(local.is_empty());
     }
 }

@@ -68,11 +68,7 @@ struct Shared {
 impl Shared {
     async fn consume(&self, target: u64) -> &'static str {
         let target = UserId::parse(&workload::user_id(target)).expect("valid id");
-        match self
-            .store
-            .consume(&target, self.budget, clock::unix_millis())
-            .await
-        {
+        match self.store.consume(&target, self.budget, None).await {
             Ok(ConsumeOutcome::Consumed(_)) => "200",
             Ok(ConsumeOutcome::Empty) => "404",
             Ok(ConsumeOutcome::RateLimited { .. }) => "429",

@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use keypackage_server::{
     auth::{Authenticator, VerifyingKey},
     key_package::UserId,
-    store::{self, ConnectOptions},
+    store::{self, Backend, ConnectOptions},
     wire::{KeyPackageEntry, UploadKeyPackagesRequest},
 };
 use prost::Message;
@@ -58,10 +58,9 @@ pub(crate) async fn seed_sql(url: &str, population: Population) -> Result<()> {
             .context("open the database")?,
     );
     let started = Instant::now();
-    if url.starts_with("sqlite:") {
-        seed_sqlite(url, population).await?;
-    } else {
-        seed_postgres(url, population).await?;
+    match Backend::from_url(url)? {
+        Backend::Sqlite => seed_sqlite(url, population).await?,
+        Backend::Postgres => seed_postgres(url, population).await?,
     }
     eprintln!(
         "seeded users {}..{} with {} packages each in {:.1} s",

@@ -66,41 +66,55 @@ pub(crate) async fn delete_key_packages(
 
 /// `GET /api/v1/key-packages/{user_id}`: hands out the target's oldest regular package, or its
 /// last-resort one, charging the target's consumption budget.
+///
+/// The in-process pre-check refuses from memory what the shared budget would refuse; it learns
+/// only from outcomes the store reached, so a request that fails (5xx) costs no budget at all.
 pub(crate) async fn consume_key_package(
     State(state): State<AppState>,
     AuthUser(caller): AuthUser,
     Negotiated(format): Negotiated,
     UserPath(target): UserPath,
 ) -> Result<Reply<KeyPackageResponse>, ApiError> {
+    let started = clock::unix_micros();
+    let local = state.limiter.targets();
+    local.check(&target, started)?;
     let outcome = state
         .store
-        .consume(&target, state.limits.budget, clock::unix_millis())
+        .consume(&target, state.limits.budget, None)
         .await?;
-    match outcome {
-        ConsumeOutcome::Consumed(package) => {
-            if package.is_last_resort {
-                state.metrics.last_resort_handouts.inc();
-            } else {
-                state.metrics.consumed.inc();
-            }
-            tracing::info!(
-                caller = %caller,
-                target = %target,
-                last_resort = package.is_last_resort,
-                "key package handed out"
-            );
-            Ok(Reply(
-                format,
-                KeyPackageResponse {
-                    key_package_data: package.key_package,
-                    is_last_resort: package.is_last_resort,
-                    signing_key_fingerprint: fingerprint_text(package.fingerprint),
-                },
-            ))
+    let package = match outcome {
+        ConsumeOutcome::RateLimited { retry_after } => {
+            local.learn(&target, started, retry_after);
+            return Err(ApiError::RateLimited { retry_after });
         }
-        ConsumeOutcome::Empty => Err(ApiError::NoKeyPackage),
-        ConsumeOutcome::RateLimited { retry_after } => Err(ApiError::RateLimited { retry_after }),
+        ConsumeOutcome::Empty => {
+            local.record(&target, started);
+            return Err(ApiError::NoKeyPackage);
+        }
+        ConsumeOutcome::Consumed(package) => {
+            local.record(&target, started);
+            package
+        }
+    };
+    if package.is_last_resort {
+        state.metrics.last_resort_handouts.inc();
+    } else {
+        state.metrics.consumed.inc();
     }
+    tracing::info!(
+        caller = %caller,
+        target = %target,
+        last_resort = package.is_last_resort,
+        "key package handed out"
+    );
+    Ok(Reply(
+        format,
+        KeyPackageResponse {
+            key_package_data: package.key_package,
+            is_last_resort: package.is_last_resort,
+            signing_key_fingerprint: fingerprint_text(package.fingerprint),
+        },
+    ))
 }
 
 fn status_message(status: Status) -> KeyPackageStatus {

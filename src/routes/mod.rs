@@ -25,7 +25,7 @@ pub fn routes(state: AppState) -> Router {
         )
         .route(
             "/api/v1/key-packages/{user_id}",
-            get(key_packages::consume_key_package).layer(state.limiter.layer()),
+            get(key_packages::consume_key_package),
         )
         .route(
             "/api/v1/users/{user_id}/fingerprint",

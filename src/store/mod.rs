@@ -170,11 +170,15 @@ pub trait KeyPackageStore: Send + Sync + 'static {
 
     /// Charges `target`'s shared budget, then hands out its oldest regular package (removing it)
     /// or, when none is left, its last-resort package (counting the hand-out), atomically.
+    ///
+    /// `now_us` is the budget's clock in µs since the epoch; `None` (the server's case) means the
+    /// database's own clock, read once the target's budget is locked, which every process
+    /// sharing the database agrees on.
     async fn consume(
         &self,
         target: &UserId,
         budget: Budget,
-        now_ms: i64,
+        now_us: Option<i64>,
     ) -> Result<ConsumeOutcome, StoreError>;
 
     /// The user's status; zeros for a user who never uploaded.
@@ -189,9 +193,9 @@ pub trait KeyPackageStore: Send + Sync + 'static {
     /// Answers when the database is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Drops budget state that has fully refilled (it is equivalent to no state), so the table
-    /// stays as small as the set of recently consumed targets.
-    async fn prune_budgets(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Drops at most `limit` budget rows that have fully refilled at `now_us` (`None`: by the
+    /// database's clock), which are equivalent to no state; returns how many it dropped.
+    async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError>;
 }
 
 /// Connection settings common to both backends.
@@ -205,6 +209,8 @@ pub struct ConnectOptions {
     pub acquire_timeout: Duration,
     /// Server-side statement timeout (Postgres) / busy timeout (SQLite).
     pub statement_timeout: Duration,
+    /// How SQLite syncs commits (ignored by Postgres).
+    pub sqlite_synchronous: sqlite::Synchronous,
 }
 
 impl ConnectOptions {
@@ -215,6 +221,7 @@ impl ConnectOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(3),
+            sqlite_synchronous: sqlite::Synchronous::default(),
         }
     }
 }

@@ -110,51 +110,14 @@ WITH inserted AS (
 )
 SELECT count(*) FROM inserted";
 
-/// One consumption as a single statement (its own transaction):
+/// One consumption: the `kps_consume` function of the migrations, which locks the target's
+/// budget and user rows, charges the budget by the database's clock and hands out a package,
+/// in one transaction and one round trip (see `migrations/postgres/0002_consume_function.sql`).
 ///
-/// 1. `budget` charges the target's GCRA budget: the upsert advances `tat` only while it stays
-///    within the window, exactly as [`Budget::decide`]; no row back means rate limited. The
-///    row stays locked until the statement ends, so one target's consumptions run in turn.
-/// 2. `regular` takes the oldest regular package that no other transaction has locked and
-///    deletes it. A row another consumer deleted after this statement's snapshot fails to
-///    lock and is skipped, so each package is returned by exactly one transaction.
-/// 3. `last_resort` counts a hand-out of the last-resort package, only when 2 found nothing.
-///
-/// $1 target, $2 now (ms), $3 refill interval (ms), $4 window (ms).
-pub const CONSUME: &str = "\
-WITH budget AS (
-    INSERT INTO consume_budgets AS b (user_id, tat)
-    SELECT $1, $2 + $3 WHERE $3 <= $4
-    ON CONFLICT (user_id) DO UPDATE SET tat = GREATEST(b.tat, $2) + $3
-    WHERE GREATEST(b.tat, $2) + $3 <= $2 + $4
-    RETURNING tat
-), regular AS (
-    DELETE FROM key_packages
-    WHERE id = (
-        SELECT id FROM key_packages
-        WHERE user_id = $1 AND EXISTS (SELECT FROM budget)
-        ORDER BY id
-        LIMIT 1
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING data, fingerprint
-), last_resort AS (
-    UPDATE users SET last_resort_handouts = last_resort_handouts + 1
-    WHERE user_id = $1 AND last_resort IS NOT NULL
-      AND EXISTS (SELECT FROM budget) AND NOT EXISTS (SELECT FROM regular)
-    RETURNING last_resort, last_resort_fingerprint
-)
-SELECT EXISTS (SELECT FROM budget) AS allowed, p.data, p.fingerprint, p.is_last_resort
-FROM (VALUES (1)) AS one (x)
-LEFT JOIN (
-    SELECT data, fingerprint, false AS is_last_resort FROM regular
-    UNION ALL
-    SELECT last_resort, last_resort_fingerprint, true FROM last_resort
-) AS p ON true";
-
-/// The target's stored budget state, read after [`CONSUME`] refused, to compute the wait.
-/// $1 target.
-pub const BUDGET_TAT: &str = "SELECT tat FROM consume_budgets WHERE user_id = $1";
+/// $1 target, $2 refill interval (µs), $3 window (µs), $4 now (µs) or NULL for the database's
+/// clock. No row: nothing held; `wait_us` set: refused by the budget; otherwise the package.
+pub const CONSUME: &str = "SELECT wait_us, data, fingerprint, is_last_resort \
+FROM kps_consume($1, $2, $3, $4)";
 
 /// The user's status ([`StatusRow`]), from inside or outside a transaction. $1 user.
 pub const STATUS: &str = "\
@@ -181,12 +144,16 @@ pub const DELETE_REGULAR: &str = "DELETE FROM key_packages WHERE user_id = $1";
 pub const FINGERPRINT: &str =
     "SELECT fingerprint, fingerprint_updated_at FROM users WHERE user_id = $1";
 
-/// Drops budget rows that have fully refilled. `SKIP LOCKED`: rows being charged right now are
-/// not refilled anyway, and pruners in several processes then never wait on (or deadlock with)
-/// each other or consumers. $1 now (ms).
+/// Drops at most `$2` budget rows that have fully refilled by `$1` (µs, or NULL for the
+/// database's clock, which hosts with skewed clocks agree on). `SKIP LOCKED`: rows being
+/// charged right now are not refilled anyway, and pruners in several processes then never wait
+/// on (or deadlock with) each other or consumers.
 pub const PRUNE_BUDGETS: &str = "\
-DELETE FROM consume_budgets WHERE tat <= $1 AND user_id IN
-    (SELECT user_id FROM consume_budgets WHERE tat <= $1 FOR UPDATE SKIP LOCKED)";
+DELETE FROM consume_budgets WHERE user_id IN (
+    SELECT user_id FROM consume_budgets
+    WHERE tat_us <= COALESCE($1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)";
 
 /// Key packages in a Postgres database.
 #[derive(Clone, Debug)]
@@ -280,28 +247,27 @@ impl KeyPackageStore for PgStore {
         &self,
         target: &UserId,
         budget: Budget,
-        now_ms: i64,
+        now_us: Option<i64>,
     ) -> Result<ConsumeOutcome, StoreError> {
-        let row: ConsumeRow = sqlx::query_as(CONSUME)
+        let row: Option<ConsumeRow> = sqlx::query_as(CONSUME)
             .bind(target.as_str())
-            .bind(now_ms)
-            .bind(budget.interval_ms())
-            .bind(budget.window_ms())
-            .fetch_one(&self.pool)
+            .bind(budget.interval_us())
+            .bind(budget.window_us())
+            .bind(now_us)
+            .fetch_optional(&self.pool)
             .await?;
-        if !row.allowed {
-            // Only the wait is missing; read the state that refused us and let the shared
-            // GCRA arithmetic compute it.
-            let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
-                .bind(target.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-            let retry_after = budget.decide(tat, now_ms).err().unwrap_or_default();
-            return Ok(ConsumeOutcome::RateLimited { retry_after });
-        }
-        Ok(match row.package {
-            Some(package) => ConsumeOutcome::Consumed(package.into()),
+        Ok(match row {
             None => ConsumeOutcome::Empty,
+            Some(ConsumeRow {
+                wait_us: Some(wait),
+                ..
+            }) => ConsumeOutcome::RateLimited {
+                retry_after: std::time::Duration::from_micros(u64::try_from(wait).unwrap_or(0)),
+            },
+            Some(ConsumeRow { package, .. }) => match package {
+                Some(package) => ConsumeOutcome::Consumed(package.into()),
+                None => ConsumeOutcome::Empty,
+            },
         })
     }
 
@@ -334,33 +300,33 @@ impl KeyPackageStore for PgStore {
         Ok(())
     }
 
-    async fn prune_budgets(&self, now_ms: i64) -> Result<u64, StoreError> {
+    async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         let done = sqlx::query(PRUNE_BUDGETS)
-            .bind(now_ms)
+            .bind(now_us)
+            .bind(i64::from(limit))
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
     }
 }
 
-/// A [`CONSUME`] row: whether the budget allowed the request and, if so, the package (none
-/// when the target holds nothing).
+/// A [`CONSUME`] row: the wait when the budget refused, else the package handed out.
 struct ConsumeRow {
-    allowed: bool,
+    wait_us: Option<i64>,
     package: Option<ConsumedRow>,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ConsumeRow {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
-        let allowed = row.try_get("allowed")?;
+        let wait_us = row.try_get("wait_us")?;
         // The package columns are NULL together when nothing was handed out.
         let data: Option<Vec<u8>> = row.try_get("data")?;
         let package = match data {
             Some(_) => Some(ConsumedRow::from_row(row)?),
             None => None,
         };
-        Ok(Self { allowed, package })
+        Ok(Self { wait_us, package })
     }
 }
 

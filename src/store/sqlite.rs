@@ -20,6 +20,7 @@ use super::{
     Status, StatusRow, StoreError, Upload, UploadOutcome, UploadPlan,
 };
 use crate::{
+    clock,
     key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
     rate_limit::Budget,
 };
@@ -87,13 +88,13 @@ pub const TRIM: &str = "\
 DELETE FROM key_packages WHERE user_id = $1 AND id NOT IN
     (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id DESC LIMIT $2)";
 
-/// The target's stored budget state (GCRA `tat`, ms). $1 target.
-pub const BUDGET_TAT: &str = "SELECT tat FROM consume_budgets WHERE user_id = $1";
+/// The target's stored budget state (GCRA `tat`, µs). $1 target.
+pub const BUDGET_TAT: &str = "SELECT tat_us FROM consume_budgets WHERE user_id = $1";
 
-/// Stores the target's new budget state. $1 target, $2 new `tat` (ms).
+/// Stores the target's new budget state. $1 target, $2 new `tat` (µs).
 pub const CHARGE_BUDGET: &str = "\
-INSERT INTO consume_budgets (user_id, tat) VALUES ($1, $2)
-ON CONFLICT (user_id) DO UPDATE SET tat = excluded.tat";
+INSERT INTO consume_budgets (user_id, tat_us) VALUES ($1, $2)
+ON CONFLICT (user_id) DO UPDATE SET tat_us = excluded.tat_us";
 
 /// Removes and returns the target's oldest regular package ([`ConsumedRow`]). $1 target.
 pub const TAKE_OLDEST: &str = "\
@@ -126,8 +127,20 @@ WHERE user_id = $1";
 pub const FINGERPRINT: &str =
     "SELECT fingerprint, fingerprint_updated_at FROM users WHERE user_id = $1";
 
-/// Drops budget rows that have fully refilled. $1 now (ms).
-pub const PRUNE_BUDGETS: &str = "DELETE FROM consume_budgets WHERE tat <= $1";
+/// Drops at most `$2` budget rows that have fully refilled by `$1` (µs).
+pub const PRUNE_BUDGETS: &str = "\
+DELETE FROM consume_budgets WHERE user_id IN
+    (SELECT user_id FROM consume_budgets WHERE tat_us <= $1 LIMIT $2)";
+
+/// How SQLite syncs commits to disk (`KPS_SQLITE_SYNCHRONOUS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Every commit is on disk before it is acknowledged (the default).
+    #[default]
+    Full,
+    /// Commits since the last WAL sync may be lost on power loss (not on a process crash).
+    Normal,
+}
 
 /// Key packages in an SQLite database file.
 #[derive(Clone, Debug)]
@@ -143,8 +156,13 @@ impl SqliteStore {
             .map_err(|e| ConnectError::Url(e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // NORMAL in WAL mode never corrupts the file; a power cut may lose the last commits.
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL syncs the WAL at every commit: a hand-out answered 200 survives a power cut,
+            // so no package is ever handed out twice. NORMAL (an opt-out) may lose the last
+            // commits on power loss, though it never corrupts the file.
+            .synchronous(match options.sqlite_synchronous {
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Normal => SqliteSynchronous::Normal,
+            })
             .busy_timeout(options.statement_timeout)
             .pragma("temp_store", "memory");
         let writer = SqlitePoolOptions::new()
@@ -233,16 +251,30 @@ impl KeyPackageStore for SqliteStore {
         &self,
         target: &UserId,
         budget: Budget,
-        now_ms: i64,
+        now_us: Option<i64>,
     ) -> Result<ConsumeOutcome, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        // Read under the write lock, so requests that waited for it are judged by when they
+        // got it, in the order they got it.
+        let now_us = now_us.unwrap_or_else(clock::unix_micros);
         let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
             .bind(target.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-        let new_tat = match budget.decide(tat, now_ms) {
+        let new_tat = match budget.decide(tat, now_us) {
             Ok(t) => t,
-            Err(retry_after) => return Ok(ConsumeOutcome::RateLimited { retry_after }),
+            Err(retry_after) => {
+                // Cut back a state written by a clock that ran ahead, so it refills from now.
+                if let Some(tat) = tat.filter(|&t| budget.clamp(t, now_us) < t) {
+                    sqlx::query(CHARGE_BUDGET)
+                        .bind(target.as_str())
+                        .bind(budget.clamp(tat, now_us))
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                }
+                return Ok(ConsumeOutcome::RateLimited { retry_after });
+            }
         };
         sqlx::query(CHARGE_BUDGET)
             .bind(target.as_str())
@@ -296,9 +328,10 @@ impl KeyPackageStore for SqliteStore {
         Ok(())
     }
 
-    async fn prune_budgets(&self, now_ms: i64) -> Result<u64, StoreError> {
+    async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         let done = sqlx::query(PRUNE_BUDGETS)
-            .bind(now_ms)
+            .bind(now_us.unwrap_or_else(clock::unix_micros))
+            .bind(i64::from(limit))
             .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
@@ -311,4 +344,29 @@ async fn status_in(conn: &mut sqlx::SqliteConnection, user: &UserId) -> Result<S
         .fetch_optional(&mut *conn)
         .await?;
     Ok(row.map(Status::from).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn synchronous_of(options: &ConnectOptions) -> i64 {
+        let store = SqliteStore::connect(options).await.expect("open");
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&store.writer)
+            .await
+            .expect("pragma")
+    }
+
+    #[tokio::test]
+    async fn commits_are_durable_by_default_and_normal_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("kps-sync-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut options = ConnectOptions::new(format!("sqlite://{}", dir.join("a.db").display()));
+        // SQLite's numbering: 1 = NORMAL, 2 = FULL.
+        assert_eq!(synchronous_of(&options).await, 2);
+        options.sqlite_synchronous = Synchronous::Normal;
+        assert_eq!(synchronous_of(&options).await, 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

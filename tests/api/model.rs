@@ -211,7 +211,7 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
             }
             Op::Consume(user) => {
                 let got = store
-                    .consume(&users[user], budget, now * 1000)
+                    .consume(&users[user], budget, Some(now * 1_000_000))
                     .await
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let expected = model.entry(user).or_default().consume();

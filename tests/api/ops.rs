@@ -187,10 +187,10 @@ impl KeyPackageStore for Switchable {
         &self,
         target: &UserId,
         budget: Budget,
-        now_ms: i64,
+        now_us: Option<i64>,
     ) -> Result<ConsumeOutcome, StoreError> {
         self.check()?;
-        self.inner.consume(target, budget, now_ms).await
+        self.inner.consume(target, budget, now_us).await
     }
     async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
         self.check()?;
@@ -208,9 +208,9 @@ impl KeyPackageStore for Switchable {
         self.check()?;
         self.inner.ping().await
     }
-    async fn prune_budgets(&self, now_ms: i64) -> Result<u64, StoreError> {
+    async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         self.check()?;
-        self.inner.prune_budgets(now_ms).await
+        self.inner.prune_budgets(now_us, limit).await
     }
 }
 

@@ -45,7 +45,7 @@ const PLENTY: Budget = Budget {
     interval: Duration::from_millis(1),
 };
 
-const NOW_MS: i64 = 1_700_000_000_000;
+const NOW_US: i64 = 1_700_000_000_000_000;
 
 fn user(name: &str) -> UserId {
     UserId::parse(name).expect("valid user id")
@@ -73,7 +73,7 @@ async fn consume_concurrently(
             let (start, target) = (start.clone(), user(target));
             tokio::spawn(async move {
                 start.wait().await;
-                store.consume(&target, PLENTY, NOW_MS).await
+                store.consume(&target, PLENTY, Some(NOW_US)).await
             })
         })
         .collect();
@@ -167,7 +167,7 @@ async fn concurrent_uploads_by_one_user_keep_at_most_ten_whole_uploads_in_order(
     let mut held = Vec::new();
     loop {
         match store
-            .consume(&user("bob"), PLENTY, NOW_MS)
+            .consume(&user("bob"), PLENTY, Some(NOW_US))
             .await
             .expect("consume")
         {

@@ -109,7 +109,7 @@ async fn ten_thousand_distinct_targets_in_a_burst_are_answered_and_leave_no_limi
     );
 
     // No more buckets than distinct valid targets (aliases share one, invalid ids make none),
-    let limiter = app.state.limiter.limiter();
+    let limiter = app.state.limiter.targets();
     assert!(limiter.len() <= TARGETS + 1, "{} buckets", limiter.len());
     // and once they have refilled, pruning forgets them all.
     let deadline = Instant::now() + PATIENCE;

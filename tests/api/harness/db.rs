@@ -3,13 +3,13 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use keypackage_server::store::{self, ConnectOptions, KeyPackageStore};
+use keypackage_server::store::{self, Backend, ConnectOptions, KeyPackageStore};
 
 /// `TEST_DATABASE_URL` when it names a Postgres server: tests then run on Postgres.
 pub(crate) fn postgres_admin_url() -> Option<String> {
     std::env::var("TEST_DATABASE_URL")
         .ok()
-        .filter(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+        .filter(|u| matches!(Backend::from_url(u), Ok(Backend::Postgres)))
 }
 
 /// A database of its own for one test, removed when dropped.
