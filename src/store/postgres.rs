@@ -257,17 +257,17 @@ impl KeyPackageStore for PgStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(match row {
-            None => ConsumeOutcome::Empty,
             Some(ConsumeRow {
                 wait_us: Some(wait),
                 ..
             }) => ConsumeOutcome::RateLimited {
                 retry_after: std::time::Duration::from_micros(u64::try_from(wait).unwrap_or(0)),
             },
-            Some(ConsumeRow { package, .. }) => match package {
-                Some(package) => ConsumeOutcome::Consumed(package.into()),
-                None => ConsumeOutcome::Empty,
-            },
+            Some(ConsumeRow {
+                package: Some(package),
+                ..
+            }) => ConsumeOutcome::Consumed(package.into()),
+            _ => ConsumeOutcome::Empty,
         })
     }
 
