@@ -28,7 +28,16 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database and applies the SQLite migrations.
+    ///
+    /// Processes starting at once on one file take turns: switching a new file to WAL needs an
+    /// exclusive lock that SQLite does not wait for (the busy timeout does not apply), and sqlx's
+    /// SQLite migrator takes no lock, so both would apply the migrations. A lock file beside the
+    /// database serialises opening and migrating; a busy open or migration (another program on
+    /// the file) is retried until the busy timeout has passed.
     pub async fn connect(options: &ConnectOptions) -> Result<Self, StoreError> {
+        use std::time::Duration;
+        use tokio::time::Instant;
+
         let base = SqliteConnectOptions::from_str(&options.url)
             .map_err(|e| StoreError::Config(format!("{e}")))?
             .create_if_missing(true)
@@ -37,16 +46,90 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(options.statement_timeout)
             .pragma("temp_store", "memory");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(base.clone())
-            .await
-            .map_err(|e| StoreError::Config(format!("cannot open database: {e}")))?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&writer)
-            .await
-            .map_err(|e| StoreError::Config(format!("migrations failed: {e}")))?;
+        let is_busy = |e: &sqlx::Error| {
+            e.as_database_error()
+                .and_then(|e| e.code())
+                .and_then(|code| code.parse::<i32>().ok())
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+                .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+        };
+        const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+        // In-memory databases (`sqlite::memory:`, `mode=memory`) have no file to share.
+        let filename = base.get_filename();
+        let in_memory = options.url.contains(":memory:")
+            || options.url.contains("mode=memory")
+            || filename.to_string_lossy().starts_with("file:");
+        let lock_path = (!in_memory).then(|| {
+            let mut name = filename.as_os_str().to_owned();
+            name.push(".open-lock");
+            std::path::PathBuf::from(name)
+        });
+        // Held until the end of this function; closing the file releases the lock.
+        let _lock = match &lock_path {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| {
+                        StoreError::Config(format!("cannot open {}: {e}", path.display()))
+                    })?;
+                // Long enough for another process's migrations; never forever.
+                let deadline =
+                    Instant::now() + options.statement_timeout.max(Duration::from_secs(30));
+                loop {
+                    match file.try_lock() {
+                        Ok(()) => break,
+                        Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                        Err(std::fs::TryLockError::WouldBlock) => {
+                            return Err(StoreError::Config(format!(
+                                "another process holds {} too long",
+                                path.display()
+                            )));
+                        }
+                        Err(std::fs::TryLockError::Error(e)) => {
+                            return Err(StoreError::Config(format!(
+                                "cannot lock {}: {e}",
+                                path.display()
+                            )));
+                        }
+                    }
+                }
+                Some(file)
+            }
+            None => None,
+        };
+
+        let deadline = Instant::now() + options.statement_timeout;
+        let writer = loop {
+            let opened = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_with(base.clone())
+                .await;
+            match opened {
+                Ok(pool) => break pool,
+                Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(StoreError::Config(format!("cannot open database: {e}"))),
+            }
+        };
+        loop {
+            match sqlx::migrate!("./migrations/sqlite").run(&writer).await {
+                Ok(()) => break,
+                Err(sqlx::migrate::MigrateError::Execute(e))
+                    if is_busy(&e) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(StoreError::Config(format!("migrations failed: {e}"))),
+            }
+        }
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.clamp(1, 8))
             .acquire_timeout(options.acquire_timeout)
