@@ -3,8 +3,10 @@
 
 mod attack;
 mod auth;
+mod cold_start;
 mod consume;
 mod crash;
+mod edges;
 mod fingerprint;
 mod helpers;
 mod lifecycle;
