@@ -115,9 +115,6 @@ fn config_error(setting: &'static str, message: impl Into<String>) -> ConfigErro
 /// Name of the generated development secret inside the data dir.
 const DEV_SECRET_FILE: &str = "jwt-secret";
 
-/// Lock file that serialises processes creating the development secret at the same time.
-const DEV_SECRET_LOCK: &str = "jwt-secret.lock";
-
 /// Where the key that verifies bearer tokens comes from, as configured (nothing read yet).
 #[derive(Clone, Copy, Debug)]
 pub enum KeySource<'a> {
@@ -242,7 +239,7 @@ fn create_dir(dir: &Path, setting: &'static str) -> Result<(), ConfigError> {
 
 /// Reads the development secret from `data_dir`, generating it (mode 0600) on first use.
 ///
-/// Processes starting at once on a fresh directory take turns through a lock file, and the
+/// Processes starting at once on a fresh directory take turns through a lock on it, and the
 /// secret is written to a temporary file, synced, then linked into place, so that every process
 /// ends up with the same secret and a crash never leaves a partial one. A file left empty (by an
 /// older version interrupted mid-write) held no usable secret and is replaced.
@@ -252,10 +249,8 @@ pub fn load_or_create_dev_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError
     let failed = |at: &Path, e: std::io::Error| {
         config_error("KPS_DATA_DIR", format!("{}: {e}", at.display()))
     };
-    let lock_path = data_dir.join(DEV_SECRET_LOCK);
-    let lock = open_private(&lock_path, false).map_err(|e| failed(&lock_path, e))?;
-    lock.lock().map_err(|e| failed(&lock_path, e))?;
-
+    // Held until this returns; closing the file releases the lock.
+    let _lock = lock_dir(data_dir).map_err(|e| failed(data_dir, e))?;
     let existing = match std::fs::read(&path) {
         Ok(bytes) => Some(bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -313,6 +308,23 @@ pub fn load_or_create_dev_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError
          in production"
     );
     Ok(secret.into_bytes())
+}
+
+/// Takes an exclusive lock on the directory itself, so that processes creating the development
+/// secret at the same time take turns without leaving a lock file behind.
+#[cfg(unix)]
+fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    let handle = std::fs::File::open(dir)?;
+    handle.lock()?;
+    Ok(handle)
+}
+
+/// Takes an exclusive lock on a lock file in `dir` (directories cannot be locked here).
+#[cfg(not(unix))]
+fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    let handle = open_private(&dir.join("jwt-secret.lock"), false)?;
+    handle.lock()?;
+    Ok(handle)
 }
 
 /// Opens `path` for writing with mode 0600; `new` insists on creating it.

@@ -31,8 +31,8 @@ impl SqliteStore {
     ///
     /// Processes starting at once on one file take turns: switching a new file to WAL needs an
     /// exclusive lock that SQLite does not wait for (the busy timeout does not apply), and sqlx's
-    /// SQLite migrator takes no lock, so both would apply the migrations. A lock file beside the
-    /// database serialises opening and migrating; a busy open or migration (another program on
+    /// SQLite migrator takes no lock, so both would apply the migrations. A lock on the database's
+    /// directory serialises opening and migrating; a busy open or migration (another program on
     /// the file) is retried until the busy timeout has passed.
     pub async fn connect(options: &ConnectOptions) -> Result<Self, StoreError> {
         use std::time::Duration;
@@ -60,46 +60,44 @@ impl SqliteStore {
         let in_memory = options.url.contains(":memory:")
             || options.url.contains("mode=memory")
             || filename.to_string_lossy().starts_with("file:");
-        let lock_path = (!in_memory).then(|| {
-            let mut name = filename.as_os_str().to_owned();
-            name.push(".open-lock");
-            std::path::PathBuf::from(name)
+        // The directory, not a lock file: nothing is left beside the database.
+        let lock_dir = (cfg!(unix) && !in_memory).then(|| {
+            filename
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .to_owned()
         });
-        // Held until the end of this function; closing the file releases the lock.
-        let _lock = match &lock_path {
-            Some(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| {
-                        StoreError::Config(format!("cannot open {}: {e}", path.display()))
-                    })?;
+        // Held until the end of this function; closing the handle releases the lock.
+        let _lock = match &lock_dir {
+            Some(dir) => {
+                let handle = std::fs::File::open(dir).map_err(|e| {
+                    StoreError::Config(format!("cannot open {}: {e}", dir.display()))
+                })?;
                 // Long enough for another process's migrations; never forever.
                 let deadline =
                     Instant::now() + options.statement_timeout.max(Duration::from_secs(30));
                 loop {
-                    match file.try_lock() {
+                    match handle.try_lock() {
                         Ok(()) => break,
                         Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                             tokio::time::sleep(RETRY_PAUSE).await;
                         }
                         Err(std::fs::TryLockError::WouldBlock) => {
                             return Err(StoreError::Config(format!(
-                                "another process holds {} too long",
-                                path.display()
+                                "another process holds the lock on {} too long",
+                                dir.display()
                             )));
                         }
                         Err(std::fs::TryLockError::Error(e)) => {
                             return Err(StoreError::Config(format!(
                                 "cannot lock {}: {e}",
-                                path.display()
+                                dir.display()
                             )));
                         }
                     }
                 }
-                Some(file)
+                Some(handle)
             }
             None => None,
         };
