@@ -29,6 +29,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Longest a request may take, body upload included.
     pub request_timeout: Duration,
+    /// Most client connections served at once; beyond it new ones wait in the kernel backlog.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +39,7 @@ impl Default for Limits {
             budget: Budget::per_minute(10),
             max_body_bytes: 262_144,
             request_timeout: Duration::from_secs(10),
+            max_connections: 4096,
         }
     }
 }
@@ -84,7 +87,7 @@ pub fn router(state: AppState) -> Router {
             refuse_announced_oversize,
         ))
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            state.metrics.clone(),
             crate::metrics::track,
         ))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
@@ -132,11 +135,49 @@ async fn refuse_announced_oversize(
 /// Longest a client may take to send a request's headers (slow-loris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most bytes hyper buffers per connection while reading a request; a bound on what each of
+/// up to `max_connections` clients can make the server hold (headers must fit in it).
+const MAX_BUF_SIZE: usize = 128 * 1024;
+
+/// How long to pause accepting when the process or system is out of descriptors or memory.
+const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The background work a server needs beside [`serve`]: pruning the process-local limiter and
+/// the consumption budgets in the database. Started in one place (the binary's `run_server`);
+/// the tasks stop when this is dropped.
+pub struct BackgroundTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl BackgroundTasks {
+    /// Starts every background task for `state` on the current runtime.
+    pub fn start(state: &AppState) -> Self {
+        Self(vec![
+            rate_limit::spawn_limiter_pruning(
+                state.limiter.clone(),
+                rate_limit::LIMITER_PRUNE_EVERY,
+            ),
+            rate_limit::spawn_budget_pruning(state.store.clone(), rate_limit::BUDGET_PRUNE_EVERY),
+        ])
+    }
+}
+
+impl Drop for BackgroundTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then stops accepting and
 /// waits for in-flight requests to finish.
 ///
-/// A hand-rolled accept loop rather than `axum::serve`, to bound header reads with a timer
-/// and to set `TCP_NODELAY` on every connection.
+/// This runs no background work: the pruners are started separately by
+/// [`BackgroundTasks::start`], which the binary calls next to this.
+///
+/// A hand-written accept loop rather than `axum::serve`, for what that does not offer: a timer
+/// on header reads (slow-loris protection), a bounded read buffer, and a cap on open
+/// connections. A slot is taken before `accept`, so at the cap new clients wait in the kernel
+/// backlog instead of using up the descriptors the database pool needs too.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -149,21 +190,37 @@ pub async fn serve(
     };
     use tower::ServiceExt;
 
-    let pruning =
-        rate_limit::spawn_limiter_pruning(state.limiter.clone(), rate_limit::LIMITER_PRUNE_EVERY);
-    let budgets =
-        rate_limit::spawn_budget_pruning(state.store.clone(), rate_limit::BUDGET_PRUNE_EVERY);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state
+            .limits
+            .max_connections
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let app = router(state);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
+                Err(e) if is_resource_exhaustion(&e) => {
+                    // Retrying at once would spin on the same error until something frees up.
+                    tracing::warn!(error = %e, "accept failed: out of resources, pausing");
+                    tokio::select! {
+                        () = tokio::time::sleep(EXHAUSTION_BACKOFF) => continue,
+                        () = &mut shutdown => break,
+                    }
+                }
                 Err(e) => {
-                    // Typically EMFILE: back off instead of spinning on the error.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // One client's failure (ECONNABORTED, ...): the next may be fine.
+                    tracing::debug!(error = %e, "accept failed");
                     continue;
                 }
             },
@@ -176,9 +233,12 @@ pub async fn serve(
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_BUF_SIZE)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
+            // Held until the connection ends, then the slot frees for the next client.
+            let _slot = slot;
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -186,7 +246,49 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
-    pruning.abort();
-    budgets.abort();
     Ok(())
+}
+
+/// Whether an accept error means the process or system ran out of descriptors, buffers or
+/// memory (worth a pause), rather than one client's connection failing.
+fn is_resource_exhaustion(error: &std::io::Error) -> bool {
+    if error.kind() == std::io::ErrorKind::OutOfMemory {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_exhaustion_errors_pause_the_accept_loop() {
+        let os = std::io::Error::from_raw_os_error;
+        #[cfg(unix)]
+        for code in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(is_resource_exhaustion(&os(code)), "{code}");
+        }
+        #[cfg(unix)]
+        for code in [
+            libc::ECONNABORTED,
+            libc::ECONNRESET,
+            libc::EPROTO,
+            libc::EPERM,
+        ] {
+            assert!(!is_resource_exhaustion(&os(code)), "{code}");
+        }
+        let kind = std::io::ErrorKind::ConnectionAborted;
+        assert!(!is_resource_exhaustion(&kind.into()));
+    }
 }

@@ -15,7 +15,7 @@ use crate::{
     app::Limits,
     auth::{Authenticator, VerifyingKey},
     rate_limit::Budget,
-    store::ConnectOptions,
+    store::{Backend, ConnectOptions},
 };
 
 /// Stores and hands out MLS key packages.
@@ -90,6 +90,10 @@ pub struct Config {
     #[arg(long, env = "KPS_DB_MAX_CONNECTIONS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub db_max_connections: u32,
+    /// Most client connections served at once; beyond it new ones wait in the kernel backlog.
+    #[arg(long, env = "KPS_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    pub max_connections: u32,
 }
 
 /// A configuration problem, shown as one line naming the setting.
@@ -112,6 +116,17 @@ fn config_error(setting: &'static str, message: impl Into<String>) -> ConfigErro
 /// Name of the generated development secret inside the data dir.
 const DEV_SECRET_FILE: &str = "jwt-secret";
 
+/// Where the key that verifies bearer tokens comes from, as configured (nothing read yet).
+#[derive(Clone, Copy, Debug)]
+pub enum KeySource<'a> {
+    /// `KPS_JWT_SECRET`.
+    Secret(&'a str),
+    /// `KPS_JWT_PUBLIC_KEY_FILE`.
+    PublicKeyFile(&'a Path),
+    /// Neither: the development secret in the data dir.
+    DevSecret(&'a Path),
+}
+
 impl Config {
     /// The request-path limits.
     pub fn limits(&self) -> Limits {
@@ -119,139 +134,217 @@ impl Config {
             budget: Budget::per_minute(self.consume_limit_per_minute),
             max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
         }
     }
 
-    /// The database to use: `DATABASE_URL`, or `data.db` in the data dir (created with it).
+    /// The database to use: `DATABASE_URL`, or `data.db` in the data dir. Checks the settings
+    /// only; [`Config::create_directories`] makes the directories it needs.
     pub fn connect_options(&self) -> Result<ConnectOptions, ConfigError> {
+        let mut options = ConnectOptions::new(self.database_url()?);
+        options.max_connections = self.db_max_connections;
+        Ok(options)
+    }
+
+    fn database_url(&self) -> Result<String, ConfigError> {
         let url = match &self.database_url {
             Some(url) if url.trim().is_empty() => {
                 return Err(config_error("DATABASE_URL", "is empty"));
             }
             Some(url) => url.clone(),
-            None => {
-                self.ensure_data_dir()?;
-                format!("sqlite://{}", self.data_dir.join("data.db").display())
-            }
+            None => format!("sqlite://{}", self.data_dir.join("data.db").display()),
         };
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
-        {
-            return Err(config_error(
-                "DATABASE_URL",
-                "must start with sqlite: or postgres://",
-            ));
-        }
-        if let Some(path) = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-        {
-            let path = path.split('?').next().unwrap_or("");
-            if let Some(parent) = Path::new(path)
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    config_error(
-                        "DATABASE_URL",
-                        format!("cannot create {}: {e}", parent.display()),
-                    )
-                })?;
-            }
-        }
-        let mut options = ConnectOptions::new(url);
-        options.max_connections = self.db_max_connections;
-        Ok(options)
+        Backend::from_url(&url).map_err(|e| config_error("DATABASE_URL", e.to_string()))?;
+        Ok(url)
     }
 
-    /// The token verifier: a PEM public key, the configured secret, or a generated dev secret.
-    pub fn authenticator(&self) -> Result<Authenticator, ConfigError> {
-        let key = match (&self.jwt_secret, &self.jwt_public_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(config_error(
-                    "KPS_JWT_SECRET",
-                    "set either KPS_JWT_SECRET or KPS_JWT_PUBLIC_KEY_FILE, not both",
-                ));
-            }
+    /// Creates the data dir when the default database lives in it, and the parent directory of
+    /// an SQLite database file (SQLite creates the file, not its directory).
+    pub fn create_directories(&self) -> Result<(), ConfigError> {
+        if self.database_url.is_none() {
+            create_dir(&self.data_dir, "KPS_DATA_DIR")?;
+        }
+        let url = self.database_url()?;
+        if let Some(parent) = sqlite_path(&url)
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            create_dir(parent, "DATABASE_URL")?;
+        }
+        Ok(())
+    }
+
+    /// Which key verifies tokens; refuses a secret and a public key together.
+    pub fn key_source(&self) -> Result<KeySource<'_>, ConfigError> {
+        match (&self.jwt_secret, &self.jwt_public_key_file) {
+            (Some(_), Some(_)) => Err(config_error(
+                "KPS_JWT_SECRET",
+                "set either KPS_JWT_SECRET or KPS_JWT_PUBLIC_KEY_FILE, not both",
+            )),
             (Some(secret), None) if secret.is_empty() => {
-                return Err(config_error("KPS_JWT_SECRET", "is empty"));
+                Err(config_error("KPS_JWT_SECRET", "is empty"))
             }
-            (Some(secret), None) => {
+            (Some(secret), None) => Ok(KeySource::Secret(secret)),
+            (None, Some(path)) => Ok(KeySource::PublicKeyFile(path)),
+            (None, None) => Ok(KeySource::DevSecret(&self.data_dir)),
+        }
+    }
+
+    /// Reads the key [`Config::key_source`] names: the PEM file, or the development secret,
+    /// which this creates on first use.
+    pub fn load_verifying_key(&self) -> Result<VerifyingKey, ConfigError> {
+        match self.key_source()? {
+            KeySource::Secret(secret) => {
                 if secret.len() < 32 {
                     tracing::warn!("KPS_JWT_SECRET is shorter than 32 bytes; use a longer secret");
                 }
-                VerifyingKey::Secret(secret.as_bytes().to_vec())
+                Ok(VerifyingKey::Secret(secret.as_bytes().to_vec()))
             }
-            (None, Some(path)) => VerifyingKey::from_pem_file(path)
-                .map_err(|e| config_error("KPS_JWT_PUBLIC_KEY_FILE", e.to_string()))?,
-            (None, None) => VerifyingKey::Secret(self.dev_secret()?),
-        };
+            KeySource::PublicKeyFile(path) => VerifyingKey::from_pem_file(path)
+                .map_err(|e| config_error("KPS_JWT_PUBLIC_KEY_FILE", e.to_string())),
+            KeySource::DevSecret(dir) => load_or_create_dev_secret(dir).map(VerifyingKey::Secret),
+        }
+    }
+
+    /// The token verifier for `key`, with the configured issuer and audience.
+    pub fn authenticator(&self, key: VerifyingKey) -> Authenticator {
         let non_empty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
-        Ok(Authenticator::new(
+        Authenticator::new(
             key,
             non_empty(&self.jwt_issuer),
             non_empty(&self.jwt_audience),
-        ))
+        )
     }
+}
 
-    fn ensure_data_dir(&self) -> Result<(), ConfigError> {
-        std::fs::create_dir_all(&self.data_dir).map_err(|e| {
-            config_error(
-                "KPS_DATA_DIR",
-                format!("cannot create {}: {e}", self.data_dir.display()),
-            )
-        })
-    }
+/// The file an `sqlite:` URL names, without its query; `None` for other URLs.
+fn sqlite_path(url: &str) -> Option<&Path> {
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    Some(Path::new(path.split('?').next().unwrap_or("")))
+}
 
-    /// Reads the development secret from the data dir, generating it (mode 0600) on first use.
-    fn dev_secret(&self) -> Result<Vec<u8>, ConfigError> {
-        self.ensure_data_dir()?;
-        let path = self.data_dir.join(DEV_SECRET_FILE);
-        let unreadable =
-            |e: std::io::Error| config_error("KPS_DATA_DIR", format!("{}: {e}", path.display()));
-        match std::fs::read_to_string(&path) {
-            Ok(secret) if !secret.trim().is_empty() => {
-                tracing::warn!(
-                    path = %path.display(),
-                    "KPS_JWT_SECRET is not set: using the generated development secret; \
-                     set KPS_JWT_SECRET or KPS_JWT_PUBLIC_KEY_FILE in production"
-                );
-                return Ok(secret.trim().as_bytes().to_vec());
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(unreadable(e)),
+fn create_dir(dir: &Path, setting: &'static str) -> Result<(), ConfigError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| config_error(setting, format!("cannot create {}: {e}", dir.display())))
+}
+
+/// Reads the development secret from `data_dir`, generating it (mode 0600) on first use.
+///
+/// Processes starting at once on a fresh directory take turns through a lock on it, and the
+/// secret is written to a temporary file, synced, then linked into place, so that every process
+/// ends up with the same secret and a crash never leaves a partial one. A file left empty (by an
+/// older version interrupted mid-write) held no usable secret and is replaced.
+pub fn load_or_create_dev_secret(data_dir: &Path) -> Result<Vec<u8>, ConfigError> {
+    create_dir(data_dir, "KPS_DATA_DIR")?;
+    let path = data_dir.join(DEV_SECRET_FILE);
+    let failed = |at: &Path, e: std::io::Error| {
+        config_error("KPS_DATA_DIR", format!("{}: {e}", at.display()))
+    };
+    // Held until this returns; closing the file releases the lock.
+    let _lock = lock_dir(data_dir).map_err(|e| failed(data_dir, e))?;
+    let existing = match std::fs::read(&path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(failed(&path, e)),
+    };
+    if let Some(secret) = existing.as_deref().map(<[u8]>::trim_ascii) {
+        if !secret.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                "KPS_JWT_SECRET is not set: using the generated development secret; \
+                 set KPS_JWT_SECRET or KPS_JWT_PUBLIC_KEY_FILE in production"
+            );
+            return Ok(secret.to_vec());
         }
-        let secret = hex::encode(rand::random::<[u8; 32]>());
-        let mut file = open_private(&path).map_err(unreadable)?;
-        file.write_all(secret.as_bytes()).map_err(unreadable)?;
-        tracing::warn!(
-            path = %path.display(),
-            "KPS_JWT_SECRET is not set: GENERATED A DEVELOPMENT SECRET; tokens signed with it \
-             are only for trying the server. Set KPS_JWT_SECRET or KPS_JWT_PUBLIC_KEY_FILE \
-             in production"
-        );
-        Ok(secret.into_bytes())
+        tracing::warn!(path = %path.display(), "the development secret file is empty; replacing it");
     }
+
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let temp = data_dir.join(format!(
+        ".{DEV_SECRET_FILE}.{}.{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let written = open_private(&temp, true).and_then(|mut file| {
+        file.write_all(secret.as_bytes())?;
+        file.sync_all()
+    });
+    // A link fails if the name exists, so a process that does not take the lock (an older
+    // version) cannot be overwritten; the empty file is the one case to replace outright.
+    let placed = written.and_then(|()| match existing {
+        None => std::fs::hard_link(&temp, &path),
+        Some(_) => std::fs::rename(&temp, &path),
+    });
+    let _ = std::fs::remove_file(&temp);
+    match placed {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let theirs = std::fs::read(&path).map_err(|e| failed(&path, e))?;
+            let theirs = theirs.trim_ascii();
+            if theirs.is_empty() {
+                return Err(failed(&path, e));
+            }
+            return Ok(theirs.to_vec());
+        }
+        Err(e) => return Err(failed(&path, e)),
+    }
+    // Make the new name durable too, not only the file's contents.
+    if let Ok(dir) = std::fs::File::open(data_dir) {
+        let _ = dir.sync_all();
+    }
+    tracing::warn!(
+        path = %path.display(),
+        "KPS_JWT_SECRET is not set: GENERATED A DEVELOPMENT SECRET; tokens signed with it \
+         are only for trying the server. Set KPS_JWT_SECRET or KPS_JWT_PUBLIC_KEY_FILE \
+         in production"
+    );
+    Ok(secret.into_bytes())
 }
 
+/// Takes an exclusive lock on the directory itself, so that processes creating the development
+/// secret at the same time take turns without leaving a lock file behind.
 #[cfg(unix)]
-fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    let handle = std::fs::File::open(dir)?;
+    handle.lock()?;
+    Ok(handle)
 }
 
+/// Takes an exclusive lock on a lock file in `dir` (directories cannot be locked here).
 #[cfg(not(unix))]
-fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
+fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    let handle = open_private(&dir.join("jwt-secret.lock"), false)?;
+    handle.lock()?;
+    Ok(handle)
+}
+
+/// Opens `path` for writing with mode 0600; `new` insists on creating it.
+#[cfg(unix)]
+fn open_private(path: &Path, new: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if new {
+        options.create_new(true);
+    } else {
+        options.create(true);
+    }
+    options.open(path)
+}
+
+/// Opens `path` for writing; `new` insists on creating it.
+#[cfg(not(unix))]
+fn open_private(path: &Path, new: bool) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if new {
+        options.create_new(true);
+    } else {
+        options.create(true);
+    }
+    options.open(path)
 }
 
 /// A clap error as one line naming the environment variable behind the offending flag.
@@ -291,32 +384,116 @@ mod tests {
         Cli::try_parse_from(argv).unwrap().config
     }
 
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            Self(std::env::temp_dir().join(format!("kps-config-{:016x}", rand::random::<u64>())))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn dev_secret_is_generated_once_with_mode_0600() {
-        let dir = std::env::temp_dir().join(format!("kps-config-{}", rand::random::<u64>()));
-        let c = config(&["--data-dir", dir.to_str().unwrap()]);
-        let first = c.dev_secret().unwrap();
+        let dir = TempDir::new();
+        let first = load_or_create_dev_secret(&dir.0).unwrap();
+        assert_eq!(first.len(), 64);
         assert_eq!(
-            c.dev_secret().unwrap(),
+            load_or_create_dev_secret(&dir.0).unwrap(),
             first,
             "the same secret on the next start"
         );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.join(DEV_SECRET_FILE))
+            let mode = std::fs::metadata(dir.0.join(DEV_SECRET_FILE))
                 .unwrap()
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        std::fs::remove_dir_all(dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [DEV_SECRET_FILE],
+            "no temporary or lock file is left"
+        );
+    }
+
+    #[test]
+    fn an_empty_dev_secret_file_left_by_a_crash_is_replaced() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(dir.0.join(DEV_SECRET_FILE), b"").unwrap();
+        let secret = load_or_create_dev_secret(&dir.0).unwrap();
+        assert_eq!(secret.len(), 64);
+        assert_eq!(std::fs::read(dir.0.join(DEV_SECRET_FILE)).unwrap(), secret);
+        std::fs::write(dir.0.join(DEV_SECRET_FILE), b" \n").unwrap();
+        let again = load_or_create_dev_secret(&dir.0).unwrap();
+        assert_eq!(std::fs::read(dir.0.join(DEV_SECRET_FILE)).unwrap(), again);
+    }
+
+    #[test]
+    fn simultaneous_first_starts_agree_on_one_dev_secret() {
+        for _ in 0..20 {
+            let dir = TempDir::new();
+            let barrier = std::sync::Barrier::new(4);
+            let secrets: Vec<Vec<u8>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            load_or_create_dev_secret(&dir.0).unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let on_disk = std::fs::read(dir.0.join(DEV_SECRET_FILE)).unwrap();
+            assert!(secrets.iter().all(|s| *s == on_disk), "one secret for all");
+        }
+    }
+
+    #[test]
+    fn settings_getters_touch_no_files() {
+        let dir = TempDir::new();
+        let db_parent = dir.0.join("db");
+        let url = format!("sqlite://{}", db_parent.join("x.db").display());
+        let with_url = config(&[
+            "--data-dir",
+            dir.0.to_str().unwrap(),
+            "--database-url",
+            &url,
+        ]);
+        with_url.connect_options().unwrap();
+        let default = config(&["--data-dir", dir.0.to_str().unwrap()]);
+        assert!(default.connect_options().unwrap().url.ends_with("data.db"));
+        assert!(matches!(
+            default.key_source().unwrap(),
+            KeySource::DevSecret(_)
+        ));
+        assert!(!dir.0.exists(), "getters created nothing");
+        with_url.create_directories().unwrap();
+        assert!(
+            db_parent.is_dir(),
+            "the SQLite parent directory is an explicit step"
+        );
+        assert!(!dir.0.join(DEV_SECRET_FILE).exists());
     }
 
     #[test]
     fn secret_and_public_key_together_are_refused() {
         let c = config(&["--jwt-secret", "s", "--jwt-public-key-file", "/nonexistent"]);
-        let err = c.authenticator().err().unwrap();
+        let err = c.key_source().err().unwrap();
         assert_eq!(err.setting, "KPS_JWT_SECRET");
     }
 
@@ -327,6 +504,8 @@ mod tests {
         let line = describe_clap_error(&err);
         assert!(line.starts_with("KPS_CONSUME_LIMIT_PER_MINUTE: "), "{line}");
         assert!(!line.contains('\n'));
+        let err = Cli::try_parse_from(["keypackage-server", "--max-connections", "0"]).unwrap_err();
+        assert!(describe_clap_error(&err).starts_with("KPS_MAX_CONNECTIONS: "));
         let c = config(&["--database-url", "mysql://x"]);
         assert_eq!(c.connect_options().unwrap_err().setting, "DATABASE_URL");
     }

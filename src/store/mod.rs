@@ -118,6 +118,9 @@ pub enum ConnectError {
     /// No answer within the acquire timeout.
     #[error("no answer from the database within {0:?}")]
     TimedOut(Duration),
+    /// Another process kept the database's start-up lock, or it could not be taken.
+    #[error("{0}")]
+    Lock(String),
     /// Applying the migrations failed.
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -28,16 +28,13 @@ use crate::{
 /// The SQLite schema, applied at start by [`SqliteStore::connect`].
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// SQLite result codes that mean "not now": another connection or process holds the lock.
+/// SQLite primary result codes that mean "not now": another connection or process holds the
+/// lock. Extended codes (`SQLITE_BUSY_SNAPSHOT`, …) carry the primary code in their low byte.
 mod code {
     /// `SQLITE_BUSY`.
-    pub(super) const BUSY: &str = "5";
+    pub(super) const BUSY: i32 = 5;
     /// `SQLITE_LOCKED`.
-    pub(super) const LOCKED: &str = "6";
-    /// `SQLITE_BUSY_RECOVERY`.
-    pub(super) const BUSY_RECOVERY: &str = "261";
-    /// `SQLITE_BUSY_SNAPSHOT`.
-    pub(super) const BUSY_SNAPSHOT: &str = "517";
+    pub(super) const LOCKED: i32 = 6;
 }
 
 /// Whether an SQLite error means the database is busy for now (see [`code`]).
@@ -45,15 +42,10 @@ pub(super) fn is_transient(error: &dyn DatabaseError) -> bool {
     let Some(error) = error.try_downcast_ref::<sqlx::sqlite::SqliteError>() else {
         return false;
     };
-    let code = error.code();
-    [
-        code::BUSY,
-        code::LOCKED,
-        code::BUSY_RECOVERY,
-        code::BUSY_SNAPSHOT,
-    ]
-    .iter()
-    .any(|c| code.as_deref() == Some(*c))
+    error
+        .code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, code::BUSY | code::LOCKED))
 }
 
 /// Creates the user's row if it is new (inside the write transaction). $1 user.
@@ -151,7 +143,16 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database and applies the SQLite migrations.
+    ///
+    /// Processes starting at once on one file take turns: switching a new file to WAL needs an
+    /// exclusive lock that SQLite does not wait for (the busy timeout does not apply), and sqlx's
+    /// SQLite migrator takes no lock, so both would apply the migrations. A lock on the database's
+    /// directory serialises opening and migrating; a busy open or migration (another program on
+    /// the file) is retried until the busy timeout has passed.
     pub async fn connect(options: &ConnectOptions) -> Result<Self, ConnectError> {
+        use std::time::Duration;
+        use tokio::time::Instant;
+
         let base = SqliteConnectOptions::from_str(&options.url)
             .map_err(|e| ConnectError::Url(e.to_string()))?
             .create_if_missing(true)
@@ -165,13 +166,82 @@ impl SqliteStore {
             })
             .busy_timeout(options.statement_timeout)
             .pragma("temp_store", "memory");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(base.clone())
-            .await
-            .map_err(ConnectError::Open)?;
-        MIGRATOR.run(&writer).await?;
+        let is_busy = |e: &sqlx::Error| e.as_database_error().is_some_and(is_transient);
+        const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+        // In-memory databases (`sqlite::memory:`, `mode=memory`) have no file to share.
+        let filename = base.get_filename();
+        let in_memory = options.url.contains(":memory:")
+            || options.url.contains("mode=memory")
+            || filename.to_string_lossy().starts_with("file:");
+        // The directory, not a lock file: nothing is left beside the database.
+        let lock_dir = (cfg!(unix) && !in_memory).then(|| {
+            filename
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .to_owned()
+        });
+        // Held until the end of this function; closing the handle releases the lock.
+        let _lock = match &lock_dir {
+            Some(dir) => {
+                let handle = std::fs::File::open(dir).map_err(|e| {
+                    ConnectError::Lock(format!("cannot open {}: {e}", dir.display()))
+                })?;
+                // Long enough for another process's migrations; never forever.
+                let deadline =
+                    Instant::now() + options.statement_timeout.max(Duration::from_secs(30));
+                loop {
+                    match handle.try_lock() {
+                        Ok(()) => break,
+                        Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                        Err(std::fs::TryLockError::WouldBlock) => {
+                            return Err(ConnectError::Lock(format!(
+                                "another process holds the lock on {} too long",
+                                dir.display()
+                            )));
+                        }
+                        Err(std::fs::TryLockError::Error(e)) => {
+                            return Err(ConnectError::Lock(format!(
+                                "cannot lock {}: {e}",
+                                dir.display()
+                            )));
+                        }
+                    }
+                }
+                Some(handle)
+            }
+            None => None,
+        };
+
+        let deadline = Instant::now() + options.statement_timeout;
+        let writer = loop {
+            let opened = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_with(base.clone())
+                .await;
+            match opened {
+                Ok(pool) => break pool,
+                Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(ConnectError::Open(e)),
+            }
+        };
+        loop {
+            match MIGRATOR.run(&writer).await {
+                Ok(()) => break,
+                Err(sqlx::migrate::MigrateError::Execute(e))
+                    if is_busy(&e) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.clamp(1, 8))
             .acquire_timeout(options.acquire_timeout)

@@ -7,8 +7,10 @@ mod harness;
 
 mod attack;
 mod auth;
+mod cold_start;
 mod consume;
 mod crash;
+mod edges;
 mod fingerprint;
 mod lifecycle;
 mod model;
