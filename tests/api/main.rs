@@ -17,6 +17,8 @@ mod negotiation;
 mod openmls_flow;
 mod ops;
 mod outage;
+mod pg_admin;
+mod pg_tls;
 mod status;
 mod store;
 mod upload;
