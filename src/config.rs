@@ -90,6 +90,12 @@ pub struct Config {
     #[arg(long, env = "KPS_DB_MAX_CONNECTIONS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub db_max_connections: u32,
+    /// `DATABASE_URL` points at PgBouncer in transaction pooling mode: unnamed statements only,
+    /// and the timeouts set inside each transaction instead of at connect.
+    #[arg(long, env = "KPS_DB_PGBOUNCER", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), global = true)]
+    pub db_pgbouncer: bool,
 }
 
 /// A configuration problem, shown as one line naming the setting.
@@ -160,8 +166,15 @@ impl Config {
                 })?;
             }
         }
+        if self.db_pgbouncer && url.starts_with("sqlite:") {
+            return Err(config_error(
+                "KPS_DB_PGBOUNCER",
+                "applies only to a postgres:// DATABASE_URL",
+            ));
+        }
         let mut options = ConnectOptions::new(url);
         options.max_connections = self.db_max_connections;
+        options.pgbouncer = self.db_pgbouncer;
         Ok(options)
     }
 
@@ -314,6 +327,22 @@ mod tests {
     }
 
     #[test]
+    fn pgbouncer_mode_is_off_unless_asked_for() {
+        let url = ["--database-url", "postgres://db/kps"];
+        assert!(!config(&url).connect_options().unwrap().pgbouncer);
+        for on in [
+            &["--db-pgbouncer"][..],
+            &["--db-pgbouncer", "true"],
+            &["--db-pgbouncer=1"],
+        ] {
+            let c = config(&[&url[..], on].concat());
+            assert!(c.connect_options().unwrap().pgbouncer, "{on:?}");
+        }
+        let c = config(&[&url[..], &["--db-pgbouncer", "false"]].concat());
+        assert!(!c.connect_options().unwrap().pgbouncer);
+    }
+
+    #[test]
     fn secret_and_public_key_together_are_refused() {
         let c = config(&["--jwt-secret", "s", "--jwt-public-key-file", "/nonexistent"]);
         let err = c.authenticator().err().unwrap();
@@ -327,6 +356,8 @@ mod tests {
         let line = describe_clap_error(&err);
         assert!(line.starts_with("KPS_CONSUME_LIMIT_PER_MINUTE: "), "{line}");
         assert!(!line.contains('\n'));
+        let c = config(&["--db-pgbouncer", "yes", "--database-url", "sqlite://x.db"]);
+        assert_eq!(c.connect_options().unwrap_err().setting, "KPS_DB_PGBOUNCER");
         let c = config(&["--database-url", "mysql://x"]);
         assert_eq!(c.connect_options().unwrap_err().setting, "DATABASE_URL");
     }
