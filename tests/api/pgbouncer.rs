@@ -246,3 +246,28 @@ async fn behind_pgbouncer_the_postgres_timeouts_still_cut_a_blocked_upload() {
         .expect("release");
     assert_eq!(server.status("bob").await.regular_count, 1);
 }
+
+/// Every conformance case on the store in PgBouncer mode, through a pgbouncer of its own with
+/// fewer server connections than the store has clients.
+mod conformance {
+    use std::sync::Arc;
+
+    use keypackage_server::store::{self, ConnectOptions, KeyPackageStore};
+
+    use super::PgBouncer;
+    use crate::{harness::TestDb, outage::split_url};
+
+    keypackage_server::conformance_tests!(fresh_store);
+
+    async fn fresh_store() -> Option<((PgBouncer, TestDb), Arc<dyn KeyPackageStore>)> {
+        let db = postgres_only!()?;
+        let (_, upstream, _) = split_url(&db.url);
+        let bouncer = PgBouncer::start(&upstream, 2, "pgbouncer conformance").await?;
+        let mut options = ConnectOptions::new(bouncer.url_for(&db));
+        options.pgbouncer = true;
+        let store = store::connect(&options)
+            .await
+            .expect("open store behind pgbouncer");
+        Some(((bouncer, db), store))
+    }
+}
