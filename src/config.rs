@@ -15,7 +15,7 @@ use crate::{
     app::Limits,
     auth::{Authenticator, VerifyingKey},
     rate_limit::Budget,
-    store::{Backend, ConnectOptions},
+    store::{sqlite::Synchronous, Backend, ConnectOptions},
 };
 
 /// Stores and hands out MLS key packages.
@@ -94,6 +94,26 @@ pub struct Config {
     #[arg(long, env = "KPS_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
     pub max_connections: u32,
+    /// `DATABASE_URL` points at PgBouncer in transaction pooling mode: unnamed statements only,
+    /// and the timeouts set inside each transaction instead of at connect.
+    #[arg(long, env = "KPS_DB_PGBOUNCER", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), global = true)]
+    pub db_pgbouncer: bool,
+    /// How the embedded SQLite database syncs commits: `full` (every acknowledged write survives
+    /// a power cut) or `normal` (faster; the last commits may be lost on power loss).
+    #[arg(long, env = "KPS_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSynchronous::Full,
+          global = true)]
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+/// Values of `KPS_SQLITE_SYNCHRONOUS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteSynchronous {
+    /// Every acknowledged commit is on disk (the default).
+    Full,
+    /// Commits since the last WAL sync may be lost on power loss.
+    Normal,
 }
 
 /// A configuration problem, shown as one line naming the setting.
@@ -141,8 +161,20 @@ impl Config {
     /// The database to use: `DATABASE_URL`, or `data.db` in the data dir. Checks the settings
     /// only; [`Config::create_directories`] makes the directories it needs.
     pub fn connect_options(&self) -> Result<ConnectOptions, ConfigError> {
-        let mut options = ConnectOptions::new(self.database_url()?);
+        let url = self.database_url()?;
+        if self.db_pgbouncer && Backend::from_url(&url).ok() != Some(Backend::Postgres) {
+            return Err(config_error(
+                "KPS_DB_PGBOUNCER",
+                "applies only to a postgres:// DATABASE_URL",
+            ));
+        }
+        let mut options = ConnectOptions::new(url);
         options.max_connections = self.db_max_connections;
+        options.pgbouncer = self.db_pgbouncer;
+        options.sqlite_synchronous = match self.sqlite_synchronous {
+            SqliteSynchronous::Full => Synchronous::Full,
+            SqliteSynchronous::Normal => Synchronous::Normal,
+        };
         Ok(options)
     }
 
@@ -491,6 +523,22 @@ mod tests {
     }
 
     #[test]
+    fn pgbouncer_mode_is_off_unless_asked_for() {
+        let url = ["--database-url", "postgres://db/kps"];
+        assert!(!config(&url).connect_options().unwrap().pgbouncer);
+        for on in [
+            &["--db-pgbouncer"][..],
+            &["--db-pgbouncer", "true"],
+            &["--db-pgbouncer=1"],
+        ] {
+            let c = config(&[&url[..], on].concat());
+            assert!(c.connect_options().unwrap().pgbouncer, "{on:?}");
+        }
+        let c = config(&[&url[..], &["--db-pgbouncer", "false"]].concat());
+        assert!(!c.connect_options().unwrap().pgbouncer);
+    }
+
+    #[test]
     fn secret_and_public_key_together_are_refused() {
         let c = config(&["--jwt-secret", "s", "--jwt-public-key-file", "/nonexistent"]);
         let err = c.key_source().err().unwrap();
@@ -506,6 +554,8 @@ mod tests {
         assert!(!line.contains('\n'));
         let err = Cli::try_parse_from(["keypackage-server", "--max-connections", "0"]).unwrap_err();
         assert!(describe_clap_error(&err).starts_with("KPS_MAX_CONNECTIONS: "));
+        let c = config(&["--db-pgbouncer", "yes", "--database-url", "sqlite://x.db"]);
+        assert_eq!(c.connect_options().unwrap_err().setting, "KPS_DB_PGBOUNCER");
         let c = config(&["--database-url", "mysql://x"]);
         assert_eq!(c.connect_options().unwrap_err().setting, "DATABASE_URL");
     }

@@ -14,6 +14,7 @@ use crate::{
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod deadline;
 pub mod postgres;
 pub mod sqlite;
 
@@ -214,10 +215,17 @@ pub struct ConnectOptions {
     pub statement_timeout: Duration,
     /// How SQLite syncs commits (ignored by Postgres).
     pub sqlite_synchronous: sqlite::Synchronous,
+    /// Longest any one store call may take, waiting for a connection included; past it the
+    /// call is abandoned as unavailable, even if the database never answers.
+    pub call_timeout: Duration,
+    /// Postgres behind PgBouncer in transaction pooling mode: unnamed statements only, every
+    /// call inside a transaction that sets the timeouts itself, no startup `options`.
+    pub pgbouncer: bool,
 }
 
 impl ConnectOptions {
-    /// Defaults suited to a small machine: a pool of 16 and 3-second bounds.
+    /// Defaults suited to a small machine: a pool of 16, 3-second bounds on waiting for a
+    /// connection and on statements, and 5 seconds for a whole call.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -225,17 +233,28 @@ impl ConnectOptions {
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(3),
             sqlite_synchronous: sqlite::Synchronous::default(),
+            call_timeout: Duration::from_secs(5),
+            pgbouncer: false,
         }
     }
 }
 
-/// Opens the store the URL names and applies its migrations.
+/// Opens the store the URL names and applies its migrations. Every call on the store is
+/// bounded by [`ConnectOptions::call_timeout`].
 pub async fn connect(
     options: &ConnectOptions,
 ) -> Result<std::sync::Arc<dyn KeyPackageStore>, ConnectError> {
+    use deadline::Deadline;
+    let limit = options.call_timeout;
     Ok(match Backend::from_url(&options.url)? {
-        Backend::Postgres => std::sync::Arc::new(postgres::PgStore::connect(options).await?),
-        Backend::Sqlite => std::sync::Arc::new(sqlite::SqliteStore::connect(options).await?),
+        Backend::Postgres => std::sync::Arc::new(Deadline::new(
+            postgres::PgStore::connect(options).await?,
+            limit,
+        )),
+        Backend::Sqlite => std::sync::Arc::new(Deadline::new(
+            sqlite::SqliteStore::connect(options).await?,
+            limit,
+        )),
     })
 }
 

@@ -8,8 +8,10 @@ use async_trait::async_trait;
 use sqlx::{
     error::DatabaseError,
     migrate::Migrator,
-    postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions},
-    Connection, PgConnection, PgExecutor, PgPool,
+    pool::PoolConnection,
+    postgres::{PgArguments, PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow},
+    query::{Query, QueryAs, QueryScalar},
+    Connection, FromRow, PgConnection, PgPool, Postgres, Transaction,
 };
 
 use super::{
@@ -41,6 +43,9 @@ mod sqlstate {
     pub(super) const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     /// Chosen as a deadlock victim.
     pub(super) const DEADLOCK_DETECTED: &str = "40P01";
+    /// A write on a read-only session: the database failed over to a standby, or is being
+    /// switched; writes work again once a primary is back.
+    pub(super) const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 }
 
 /// Whether a Postgres error means the database is unavailable for now (see [`sqlstate`]).
@@ -60,6 +65,7 @@ pub(super) fn is_transient(error: &dyn DatabaseError) -> bool {
             LOCK_NOT_AVAILABLE,
             IDLE_IN_TRANSACTION_TIMEOUT,
             DEADLOCK_DETECTED,
+            READ_ONLY_SQL_TRANSACTION,
         ]
         .contains(&code)
 }
@@ -155,10 +161,45 @@ DELETE FROM consume_budgets WHERE user_id IN (
     LIMIT $2
     FOR UPDATE SKIP LOCKED)";
 
+/// Serialises migrations of processes that start at once behind PgBouncer, where sqlx's
+/// session-level lock cannot be used (see [`migrate_in_one_transaction`]).
+const PGBOUNCER_MIGRATION_LOCK: i64 = 0x6b70_735f_6d69_6772;
+
 /// Key packages in a Postgres database.
 #[derive(Clone, Debug)]
 pub struct PgStore {
+    /// Connections for requests.
     pool: PgPool,
+    /// One connection of the readiness probe's own, so a busy request pool cannot fail it.
+    probe: PgPool,
+    /// Behind PgBouncer (transaction pooling): the statement each transaction begins with,
+    /// `BEGIN` plus the timeouts as `SET LOCAL`. `None` on a direct connection.
+    bouncer: Option<String>,
+}
+
+/// The connection one store call runs on; see [`PgStore::session`].
+enum Session {
+    /// A pooled connection (direct to Postgres), statements in autocommit.
+    Plain(PoolConnection<Postgres>),
+    /// A transaction, committed by [`Session::finish`] (behind PgBouncer).
+    Pinned(Transaction<'static, Postgres>),
+}
+
+impl Session {
+    fn conn(&mut self) -> &mut PgConnection {
+        match self {
+            Self::Plain(conn) => conn,
+            Self::Pinned(tx) => tx,
+        }
+    }
+
+    /// Commits a pinned session; a plain one has nothing left to do.
+    async fn finish(self) -> Result<(), StoreError> {
+        if let Self::Pinned(tx) = self {
+            tx.commit().await?;
+        }
+        Ok(())
+    }
 }
 
 impl PgStore {
@@ -173,6 +214,11 @@ impl PgStore {
         if base.get_application_name().is_none() {
             base = base.application_name("keypackage-server");
         }
+        if options.pgbouncer {
+            // PgBouncer refuses startup parameters it does not know, and sqlx's
+            // `extra_float_digits` (which only affects text-format floats) is one of them.
+            base = base.extra_float_digits(None);
+        }
 
         // Migrations run without the request timeouts: they may legitimately wait for another
         // process that is migrating the same database.
@@ -181,22 +227,111 @@ impl PgStore {
                 .await
                 .map_err(|_| ConnectError::TimedOut(options.acquire_timeout))?
                 .map_err(ConnectError::Open)?;
-        MIGRATOR.run(&mut conn).await?;
+        if options.pgbouncer {
+            migrate_in_one_transaction(&mut conn).await?;
+        } else {
+            MIGRATOR.run(&mut conn).await?;
+        }
         let _ = conn.close().await;
 
         // Server-side bounds, so a request never waits on the database longer than this
         // (a lock held by a stuck client included); 0 would mean "no limit" to Postgres.
+        // Behind PgBouncer a session's settings would follow the server session to whichever
+        // client gets it next (and PgBouncer drops `options`), so they are set per transaction.
         let timeout_ms = options.statement_timeout.as_millis().max(1).to_string();
-        let pooled = base.options([
+        let timeouts = [
             ("statement_timeout", &timeout_ms),
             ("lock_timeout", &timeout_ms),
             ("idle_in_transaction_session_timeout", &timeout_ms),
-        ]);
+        ];
+        let (pooled, bouncer) = if options.pgbouncer {
+            let begin = timeouts.iter().fold("BEGIN".to_owned(), |sql, (name, ms)| {
+                format!("{sql}; SET LOCAL {name} = {ms}")
+            });
+            (base, Some(begin))
+        } else {
+            (base.options(timeouts), None)
+        };
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(pooled.clone());
+        let probe = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(pooled);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            probe,
+            bouncer,
+        })
+    }
+
+    /// A transaction for one call. Failing to get a connection or to begin means the database
+    /// is unavailable, whatever the error says (a refusal for any reason, a connection found
+    /// dead): nothing of the call has run, and a retry may well succeed.
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let begun = match &self.bouncer {
+            None => self.pool.begin().await,
+            Some(begin) => self.pool.begin_with(begin.clone()).await,
+        };
+        begun.map_err(StoreError::Unavailable)
+    }
+
+    /// The connection for a call of single statements: a pooled connection in autocommit or,
+    /// behind PgBouncer, a transaction, which is what keeps a statement's parse and execute
+    /// on one server session and sets the timeouts. Errors as [`PgStore::begin`].
+    async fn session(&self) -> Result<Session, StoreError> {
+        match self.bouncer {
+            None => self
+                .pool
+                .acquire()
+                .await
+                .map(Session::Plain)
+                .map_err(StoreError::Unavailable),
+            Some(_) => self.begin().await.map(Session::Pinned),
+        }
+    }
+
+    /// Whether statements are prepared once per connection and cached. Not behind PgBouncer:
+    /// the server session that holds a prepared statement is another client's by the next
+    /// transaction, so every statement there is unnamed, parsed where it runs.
+    fn persistent(&self) -> bool {
+        self.bouncer.is_none()
+    }
+
+    /// A statement of this store; see [`PgStore::persistent`].
+    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(self.persistent())
+    }
+
+    /// A statement returning rows of `R`; see [`PgStore::persistent`].
+    fn query_as<'q, R>(&self, sql: &'q str) -> QueryAs<'q, Postgres, R, PgArguments>
+    where
+        R: for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_as(sql).persistent(self.persistent())
+    }
+
+    /// A statement returning one value per row; see [`PgStore::persistent`].
+    fn query_scalar<'q, T>(&self, sql: &'q str) -> QueryScalar<'q, Postgres, T, PgArguments>
+    where
+        (T,): for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_scalar(sql).persistent(self.persistent())
+    }
+
+    async fn status_in(
+        &self,
+        conn: &mut PgConnection,
+        user: &UserId,
+    ) -> Result<Status, StoreError> {
+        let row: Option<StatusRow> = self
+            .query_as(STATUS)
+            .bind(user.as_str())
+            .fetch_optional(conn)
+            .await?;
+        Ok(row.map(Status::from).unwrap_or_default())
     }
 }
 
@@ -209,14 +344,16 @@ impl KeyPackageStore for PgStore {
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
         let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
-        let mut tx = self.pool.begin().await?;
-        let held_last_resort: Option<Vec<u8>> = sqlx::query_scalar(LOCK_USER)
+        let mut tx = self.begin().await?;
+        let held_last_resort: Option<Vec<u8>> = self
+            .query_scalar(LOCK_USER)
             .bind(user.as_str())
             .bind(fingerprint)
             .bind(fingerprint.map(|_| now_unix))
             .fetch_one(&mut *tx)
             .await?;
-        let held: Vec<Vec<u8>> = sqlx::query_scalar(HELD_DIGESTS)
+        let held: Vec<Vec<u8>> = self
+            .query_scalar(HELD_DIGESTS)
             .bind(user.as_str())
             .fetch_all(&mut *tx)
             .await?;
@@ -226,7 +363,8 @@ impl KeyPackageStore for PgStore {
             let digests: Vec<&[u8]> = plan.regular.iter().map(|p| p.digest().as_slice()).collect();
             let data: Vec<&[u8]> = plan.regular.iter().map(|p| p.bytes().as_ref()).collect();
             let keep = (MAX_REGULAR_PACKAGES - plan.regular.len()) as i64;
-            let inserted: i64 = sqlx::query_scalar(WRITE_PLAN)
+            let inserted: i64 = self
+                .query_scalar(WRITE_PLAN)
                 .bind(user.as_str())
                 .bind(digests)
                 .bind(data)
@@ -238,7 +376,7 @@ impl KeyPackageStore for PgStore {
                 .await?;
             stored += inserted as u32;
         }
-        let status = status_of(&mut *tx, user).await?;
+        let status = self.status_in(&mut tx, user).await?;
         tx.commit().await?;
         Ok(UploadOutcome { stored, status })
     }
@@ -249,13 +387,16 @@ impl KeyPackageStore for PgStore {
         budget: Budget,
         now_us: Option<i64>,
     ) -> Result<ConsumeOutcome, StoreError> {
-        let row: Option<ConsumeRow> = sqlx::query_as(CONSUME)
+        let mut session = self.session().await?;
+        let row: Option<ConsumeRow> = self
+            .query_as(CONSUME)
             .bind(target.as_str())
             .bind(budget.interval_us())
             .bind(budget.window_us())
             .bind(now_us)
-            .fetch_optional(&self.pool)
+            .fetch_optional(session.conn())
             .await?;
+        session.finish().await?;
         Ok(match row {
             Some(ConsumeRow {
                 wait_us: Some(wait),
@@ -272,13 +413,16 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
-        status_of(&self.pool, user).await
+        let mut session = self.session().await?;
+        let status = self.status_in(session.conn(), user).await?;
+        session.finish().await?;
+        Ok(status)
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for statement in [DELETE_LAST_RESORT, DELETE_REGULAR] {
-            sqlx::query(statement)
+            self.query(statement)
                 .bind(user.as_str())
                 .execute(&mut *tx)
                 .await?;
@@ -288,26 +432,58 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn fingerprint(&self, user: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
-        let row: Option<FingerprintRow> = sqlx::query_as(FINGERPRINT)
+        let mut session = self.session().await?;
+        let row: Option<FingerprintRow> = self
+            .query_as(FINGERPRINT)
             .bind(user.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(session.conn())
             .await?;
+        session.finish().await?;
         Ok(row.and_then(FingerprintRow::into_pair))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // A simple query: one round trip, no prepared statement, fine behind PgBouncer too.
+        sqlx::raw_sql("SELECT 1").execute(&self.probe).await?;
         Ok(())
     }
 
     async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
-        let done = sqlx::query(PRUNE_BUDGETS)
+        let mut session = self.session().await?;
+        let done = self
+            .query(PRUNE_BUDGETS)
             .bind(now_us)
             .bind(i64::from(limit))
-            .execute(&self.pool)
+            .execute(session.conn())
             .await?;
+        session.finish().await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Applies the migrations behind PgBouncer's transaction pooling, where a server session is
+/// this client's only while a transaction is open: sqlx's session-level advisory lock and the
+/// statements it prepares by name would stay behind on sessions that other clients get next.
+/// So everything runs in one transaction, on one server session: a transaction-scoped lock
+/// serialises processes that start at once, and the named statements are deallocated before
+/// the session is handed back (and before use, in case an earlier run left some).
+async fn migrate_in_one_transaction(conn: &mut PgConnection) -> Result<(), ConnectError> {
+    let mut tx = conn.begin().await.map_err(ConnectError::Open)?;
+    sqlx::raw_sql(&format!(
+        "DEALLOCATE ALL; SELECT pg_advisory_xact_lock({PGBOUNCER_MIGRATION_LOCK})"
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(ConnectError::Open)?;
+    // Inside this transaction sqlx runs each migration in a savepoint.
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.set_locking(false);
+    migrator.run(&mut *tx).await?;
+    sqlx::raw_sql("DEALLOCATE ALL")
+        .execute(&mut *tx)
+        .await
+        .map_err(ConnectError::Open)?;
+    tx.commit().await.map_err(ConnectError::Open)
 }
 
 /// A [`CONSUME`] row: the wait when the budget refused, else the package handed out.
@@ -328,12 +504,4 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ConsumeRow {
         };
         Ok(Self { wait_us, package })
     }
-}
-
-async fn status_of<'c>(executor: impl PgExecutor<'c>, user: &UserId) -> Result<Status, StoreError> {
-    let row: Option<StatusRow> = sqlx::query_as(STATUS)
-        .bind(user.as_str())
-        .fetch_optional(executor)
-        .await?;
-    Ok(row.map(Status::from).unwrap_or_default())
 }

@@ -137,8 +137,13 @@ pub enum Synchronous {
 /// Key packages in an SQLite database file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// The one writing connection.
     writer: SqlitePool,
+    /// Read-only connections for requests.
     reader: SqlitePool,
+    /// A read-only connection of the readiness probe's own, so that it never waits behind
+    /// request traffic.
+    probe: SqlitePool,
 }
 
 impl SqliteStore {
@@ -245,10 +250,36 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.clamp(1, 8))
             .acquire_timeout(options.acquire_timeout)
+            .connect_with(base.clone().read_only(true))
+            .await
+            .map_err(ConnectError::Open)?;
+        let probe = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
             .connect_with(base.read_only(true))
             .await
             .map_err(ConnectError::Open)?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            probe,
+        })
+    }
+
+    /// A write transaction holding the file's write lock. Failing to get the connection or
+    /// the lock means the database is unavailable for now, whatever the error says.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::Unavailable)
+    }
+
+    /// A connection from `pool`; failing to get one means the database is unavailable.
+    async fn acquire(
+        pool: &SqlitePool,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, StoreError> {
+        pool.acquire().await.map_err(StoreError::Unavailable)
     }
 }
 
@@ -260,7 +291,7 @@ impl KeyPackageStore for SqliteStore {
         upload: &Upload,
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(CREATE_USER)
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -323,7 +354,7 @@ impl KeyPackageStore for SqliteStore {
         budget: Budget,
         now_us: Option<i64>,
     ) -> Result<ConsumeOutcome, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         // Read under the write lock, so requests that waited for it are judged by when they
         // got it, in the order they got it.
         let now_us = now_us.unwrap_or_else(clock::unix_micros);
@@ -369,12 +400,12 @@ impl KeyPackageStore for SqliteStore {
     }
 
     async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
-        let mut conn = self.reader.acquire().await?;
+        let mut conn = Self::acquire(&self.reader).await?;
         status_in(&mut conn, user).await
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         for statement in [DELETE_REGULAR, DELETE_LAST_RESORT] {
             sqlx::query(statement)
                 .bind(user.as_str())
@@ -386,23 +417,25 @@ impl KeyPackageStore for SqliteStore {
     }
 
     async fn fingerprint(&self, user: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
+        let mut conn = Self::acquire(&self.reader).await?;
         let row: Option<FingerprintRow> = sqlx::query_as(FINGERPRINT)
             .bind(user.as_str())
-            .fetch_optional(&self.reader)
+            .fetch_optional(&mut *conn)
             .await?;
         Ok(row.and_then(FingerprintRow::into_pair))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        sqlx::raw_sql("SELECT 1").execute(&self.probe).await?;
         Ok(())
     }
 
     async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        let mut conn = Self::acquire(&self.writer).await?;
         let done = sqlx::query(PRUNE_BUDGETS)
             .bind(now_us.unwrap_or_else(clock::unix_micros))
             .bind(i64::from(limit))
-            .execute(&self.writer)
+            .execute(&mut *conn)
             .await?;
         Ok(done.rows_affected())
     }
@@ -437,6 +470,24 @@ mod tests {
         assert_eq!(synchronous_of(&options).await, 2);
         options.sqlite_synchronous = Synchronous::Normal;
         assert_eq!(synchronous_of(&options).await, 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn ping_answers_while_every_request_connection_is_held() {
+        let dir = std::env::temp_dir().join(format!("kps-probe-{:016x}", rand::random::<u64>()));
+        let mut options =
+            ConnectOptions::new(format!("sqlite://{}", dir.join("db.sqlite").display()));
+        std::fs::create_dir_all(&dir).unwrap();
+        options.max_connections = 1;
+        let store = SqliteStore::connect(&options).await.unwrap();
+        let _writing = store.writer.acquire().await.unwrap();
+        let _reading = store.reader.acquire().await.unwrap();
+        store
+            .ping()
+            .await
+            .expect("the probe has a connection of its own");
+        drop((_writing, _reading));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -20,8 +20,8 @@ use crate::harness::*;
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 /// Forwards TCP connections to `upstream`; the test can cut or stall it, then restore it.
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     state: Arc<Mutex<ProxyState>>,
     stalled: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -49,7 +49,7 @@ struct ProxyState {
 }
 
 impl Proxy {
-    async fn start(upstream: String) -> Self {
+    pub(crate) async fn start(upstream: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let state = Arc::new(Mutex::new(ProxyState::default()));
@@ -79,17 +79,17 @@ impl Proxy {
     }
 
     /// Closes every forwarded connection and refuses new ones until [`Proxy::restore`].
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.set(Mode::Refuse);
     }
 
     /// Stops forwarding on every connection, old and new, without closing any.
-    fn stall(&self) {
+    pub(crate) fn stall(&self) {
         self.set(Mode::Stall);
     }
 
     /// Forwards again; connections stalled meanwhile are closed (their streams are torn).
-    fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.set(Mode::Forward);
     }
 
@@ -129,7 +129,7 @@ impl Drop for Proxy {
 }
 
 /// Splits `scheme://[userinfo@]host:port/rest` into (`scheme://userinfo@`, `host:port`, `/rest`).
-fn split_url(url: &str) -> (String, String, String) {
+pub(crate) fn split_url(url: &str) -> (String, String, String) {
     let (scheme, rest) = url.split_once("://").expect("a URL");
     let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
     let (userinfo, host) = authority
