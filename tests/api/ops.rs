@@ -270,3 +270,41 @@ async fn while_the_database_is_away_requests_get_503_and_the_server_recovers() {
         kp("1")
     );
 }
+
+/// Requests that fail with 503 spend no budget, in this process's pre-check or in the shared
+/// budget: once the database is back, the target's whole budget is there.
+#[tokio::test]
+async fn requests_that_fail_while_the_database_is_away_spend_no_budget() {
+    let db = TestDb::new().await;
+    let down = Arc::new(AtomicBool::new(false));
+    let store = Arc::new(Switchable {
+        inner: db.store().await,
+        down: down.clone(),
+    });
+    let app = spawn_app_with_store(
+        db,
+        store,
+        AppOptions {
+            limits: keypackage_server::app::Limits {
+                budget: Budget::per_minute(2),
+                ..Default::default()
+            },
+            ..AppOptions::default()
+        },
+    )
+    .await;
+    app.upload("bob", &[(kp("1"), false), (kp("2"), false)], "")
+        .await;
+    down.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        problem(
+            app.consume_raw("alice", "bob").await,
+            503,
+            "service_unavailable",
+        )
+        .await;
+    }
+    down.store(false, Ordering::SeqCst);
+    app.assert_hands_out("bob", &[kp("1"), kp("2")]).await;
+    problem(app.consume_raw("alice", "bob").await, 429, "rate_limited").await;
+}

@@ -310,3 +310,206 @@ async fn a_write_blocked_past_the_statement_timeout_fails_as_unavailable_then_re
         "the blocked upload stored nothing"
     );
 }
+
+/// Ten concurrent consumptions of a target whose budget is ten all pass, every time: the budget
+/// is judged by the time each request obtained the target's lock (the database's clock on
+/// Postgres), not by a time read before it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_budget_lets_every_one_of_as_many_concurrent_requests_through() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let budget = Budget::per_minute(10);
+    for round in 0..20 {
+        let target = format!("bob{round}");
+        let start = Arc::new(Barrier::new(10));
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (store, start, target) = (store.clone(), start.clone(), user(&target));
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store.consume(&target, budget, None).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let outcome = task.await.expect("task").expect("consume");
+            assert_eq!(
+                outcome,
+                ConsumeOutcome::Empty,
+                "round {round}: within the budget"
+            );
+        }
+        assert!(matches!(
+            store.consume(&user(&target), budget, None).await.unwrap(),
+            ConsumeOutcome::RateLimited { .. }
+        ));
+    }
+}
+
+/// Pruning removes at most the batch it is given, so each statement stays short.
+#[tokio::test]
+async fn budget_pruning_works_in_bounded_batches() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    for i in 0..25 {
+        store
+            .consume(&user(&format!("t{i}")), PLENTY, Some(NOW_US))
+            .await
+            .unwrap();
+    }
+    let later = Some(NOW_US + 1_000_000);
+    let batches = [
+        store.prune_budgets(later, 10).await.unwrap(),
+        store.prune_budgets(later, 10).await.unwrap(),
+        store.prune_budgets(later, 10).await.unwrap(),
+        store.prune_budgets(later, 10).await.unwrap(),
+    ];
+    assert_eq!(batches, [10, 10, 5, 0]);
+}
+
+/// With the database's clock, pruning keeps the budget a consumption just wrote (still live)
+/// and removes one that refilled long ago.
+#[tokio::test]
+async fn pruning_by_the_database_clock_keeps_live_budgets() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let budget = Budget::per_minute(10);
+    store.consume(&user("live"), budget, None).await.unwrap();
+    let an_hour_ago = keypackage_server::clock::unix_micros() - 3_600_000_000;
+    store
+        .consume(&user("old"), budget, Some(an_hour_ago))
+        .await
+        .unwrap();
+    assert_eq!(store.prune_budgets(None, 100).await.unwrap(), 1);
+    assert_eq!(store.prune_budgets(None, 100).await.unwrap(), 0);
+}
+
+/// A session of its own on `db`, inside a transaction left open.
+async fn open_transaction(db: &TestDb) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut conn)
+        .await
+        .expect("begin");
+    conn
+}
+
+/// Starts a consumption of bob's that must block on a lock this test holds, and waits until
+/// Postgres shows it waiting.
+async fn consume_blocked_on_a_lock(
+    db: &TestDb,
+    store: &Arc<dyn KeyPackageStore>,
+) -> tokio::task::JoinHandle<Result<ConsumeOutcome, StoreError>> {
+    use sqlx::Connection;
+    let consumer = {
+        let store = store.clone();
+        tokio::spawn(async move { store.consume(&user("bob"), PLENTY, None).await })
+    };
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let name = crate::pg_admin::db_name(db);
+    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
+    consumer
+}
+
+/// A package committed while a consumption waits for the target's budget lock is seen by it:
+/// the pick happens after the lock, in a snapshot of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_that_waited_for_the_budget_lock_sees_packages_committed_meanwhile() {
+    let Some(db) = postgres_only!() else { return };
+    let store = db.store().await;
+    store
+        .upload(&user("bob"), &upload_of(&[], Some("lr")), 0)
+        .await
+        .unwrap();
+    // Give bob a budget row, then hold its lock as a concurrent consumption would.
+    store.consume(&user("bob"), PLENTY, None).await.unwrap();
+    let mut holder = open_transaction(&db).await;
+    sqlx::query("SELECT 1 FROM consume_budgets WHERE user_id = 'bob' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let consumer = consume_blocked_on_a_lock(&db, &store).await;
+    store
+        .upload(&user("bob"), &upload_of(&tags("new", 1), None), 0)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    match consumer.await.unwrap().unwrap() {
+        ConsumeOutcome::Consumed(got) => {
+            assert!(!got.is_last_resort, "the last resort was handed out");
+            assert_eq!(got.key_package.as_ref(), kp("new0").as_slice());
+        }
+        other => panic!("expected the new package, got {other:?}"),
+    }
+    // Only the first consumption above, which created the budget row, took the last resort.
+    assert_eq!(
+        store
+            .status(&user("bob"))
+            .await
+            .unwrap()
+            .last_resort_handouts,
+        1
+    );
+}
+
+/// A package an upload in flight adds (it holds the user's row) is seen by a consumption that
+/// would otherwise fall back to the last-resort package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_waits_for_an_upload_in_flight_instead_of_handing_out_the_last_resort() {
+    let Some(db) = postgres_only!() else { return };
+    let store = db.store().await;
+    store
+        .upload(&user("bob"), &upload_of(&[], Some("lr")), 0)
+        .await
+        .unwrap();
+    let mut upload = open_transaction(&db).await;
+    sqlx::query("SELECT 1 FROM users WHERE user_id = 'bob' FOR UPDATE")
+        .execute(&mut upload)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO key_packages (user_id, digest, data) VALUES ('bob', sha256($1), $1)")
+        .bind(kp("fresh"))
+        .execute(&mut upload)
+        .await
+        .unwrap();
+    let consumer = consume_blocked_on_a_lock(&db, &store).await;
+    sqlx::query("COMMIT").execute(&mut upload).await.unwrap();
+    match consumer.await.unwrap().unwrap() {
+        ConsumeOutcome::Consumed(got) => {
+            assert!(!got.is_last_resort, "the last resort was handed out");
+            assert_eq!(got.key_package.as_ref(), kp("fresh").as_slice());
+        }
+        other => panic!("expected the fresh package, got {other:?}"),
+    }
+}
+
+/// An upload that trims the oldest packages and then rolls back leaves them the oldest: a
+/// consumption meanwhile waits and then hands out the oldest, not the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_that_rolls_back_does_not_break_fifo_for_a_concurrent_consume() {
+    let Some(db) = postgres_only!() else { return };
+    let store = db.store().await;
+    store
+        .upload(&user("bob"), &upload_of(&tags("p", 3), None), 0)
+        .await
+        .unwrap();
+    let mut upload = open_transaction(&db).await;
+    sqlx::query("SELECT 1 FROM users WHERE user_id = 'bob' FOR UPDATE")
+        .execute(&mut upload)
+        .await
+        .unwrap();
+    sqlx::query(
+        "DELETE FROM key_packages WHERE id = \
+         (SELECT min(id) FROM key_packages WHERE user_id = 'bob')",
+    )
+    .execute(&mut upload)
+    .await
+    .unwrap();
+    let consumer = consume_blocked_on_a_lock(&db, &store).await;
+    sqlx::query("ROLLBACK").execute(&mut upload).await.unwrap();
+    match consumer.await.unwrap().unwrap() {
+        ConsumeOutcome::Consumed(got) => assert_eq!(got.key_package.as_ref(), kp("p0").as_slice()),
+        other => panic!("expected the oldest package, got {other:?}"),
+    }
+}
