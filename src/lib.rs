@@ -2,6 +2,7 @@
 //! so that users can be added to groups while offline.
 //!
 //! - [`key_package`]: domain types parsed at the edge (`UserId`, `Fingerprint`, `KeyPackage`).
+//! - [`mls_codec`]: the RFC 9420 KeyPackage reader (structure only, no cryptography) and its facts.
 //! - [`wire`]: the protobuf messages and protobuf/JSON negotiation.
 //! - [`store`]: the storage trait with SQLite and Postgres backends and their conformance suite.
 //! - [`auth`]: bearer tokens; [`rate_limit`]: the consumption budget (GCRA), its in-process
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod key_package;
 pub mod metrics;
+pub mod mls_codec;
 pub mod rate_limit;
 pub mod routes;
 pub mod store;

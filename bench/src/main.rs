@@ -15,6 +15,7 @@ mod driver;
 mod http;
 mod pgbench;
 mod procfs;
+mod reader;
 mod report;
 mod seed;
 mod workload;
@@ -74,6 +75,12 @@ enum Command {
     },
     /// Write pgbench scripts with exactly the SQL of the Postgres store.
     PgbenchScripts(PgbenchArgs),
+    /// Time the RFC 9420 key-package reader on a typical openmls package and a 16 KiB one.
+    Reader {
+        /// Reads per timed round (the best of five rounds is reported).
+        #[arg(long, default_value_t = 20_000)]
+        iterations: u32,
+    },
     /// Run a command (e.g. pgbench) and print the CPU time the database used meanwhile.
     Cpu {
         /// Command name of the database processes.
@@ -308,6 +315,7 @@ async fn run(command: Command) -> Result<()> {
             anyhow::ensure!(status.success(), "{} failed", command[0]);
             Ok(())
         }
+        Command::Reader { iterations } => reader::run(iterations),
         Command::PgbenchScripts(args) => pgbench::write_scripts(&args.out, args.size),
         Command::Ceiling {
             scenario,
