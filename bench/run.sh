@@ -127,7 +127,7 @@ store_ceiling() { # scenario conns label [extra args]
 # pgbench with the store's SQL; prints a RESULT line with ops/s (2 per mixed transaction).
 pgbench_ceiling() { # scenario conns label
   local scenario=$1 conns=$2 label=$3
-  local interval=$((60000 / BUDGET))
+  local interval=$((60000000 / BUDGET)) # µs, as the store binds it
   local window=$((interval * BUDGET))
   local dir="$OUT/pgbench-$scenario-$conns"
   rm -rf "$dir" && mkdir -p "$dir"

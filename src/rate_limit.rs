@@ -215,13 +215,9 @@ pub fn spawn_limiter_pruning(
     limiter: Arc<ConsumeLimiter>,
     every: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            limiter.prune();
-        }
+    spawn_every(every, move || {
+        limiter.prune();
+        std::future::ready(())
     })
 }
 
@@ -231,14 +227,29 @@ pub fn spawn_budget_pruning(
     store: Arc<dyn KeyPackageStore>,
     every: Duration,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_every(every, move || {
+        let store = store.clone();
+        async move {
+            if let Err(e) = prune_budgets(store.as_ref()).await {
+                tracing::warn!(error = %e, "pruning consumption budgets failed");
+            }
+        }
+    })
+}
+
+/// Runs `task` every `every` (the first time at once) until the runtime stops; a late tick is
+/// not made up for.
+fn spawn_every<F, Fut>(every: Duration, mut task: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = prune_budgets(store.as_ref()).await {
-                tracing::warn!(error = %e, "pruning consumption budgets failed");
-            }
+            task().await;
         }
     })
 }

@@ -23,9 +23,8 @@ fn statement(sql: &str) -> String {
 }
 
 /// Writes `consume.sql`, `upload.sql` and `mixed.sql` into `out`, uploading packages of `size`
-/// bytes. pgbench variables: `users`, `writers`, `interval` and `window` (ms).
+/// bytes. pgbench variables: `users`, `writers`, `interval` and `window` (µs).
 pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
-    let now_ms = "floor(extract(epoch FROM now()) * 1000)::bigint";
     let now_s = "extract(epoch FROM now())::bigint";
     let fingerprint = "encode(sha256(convert_to('fingerprint:' || :u, 'UTF8')), 'hex')";
     let user = "'u' || :u";
@@ -41,7 +40,8 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
 
     let consume_sql = statement(&bind(
         CONSUME,
-        &[user, now_ms, ":interval::bigint", ":window::bigint"],
+        // NULL: the budget runs on the database's clock, as the server's does.
+        &[user, ":interval::bigint", ":window::bigint", "NULL::bigint"],
     ));
     let mut upload_sql = String::new();
     upload_sql.push_str("BEGIN;\n");

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use crate::{
     harness::{
-        fingerprint, kp, postgres_admin_url, postgres_db, problem, server_env, token,
-        upload_request, ServerProcess, TempDir, TestDb, PROCESS_PATIENCE,
+        fingerprint, kp, postgres_admin_url, problem, server_env, token, upload_request,
+        ServerProcess, TempDir, TestDb, PROCESS_PATIENCE,
     },
     outage::{split_url, Proxy},
     pg_admin::{admin_sql, admin_url_of, db_name, lock_user_row, wait_for_lock_waiters},
@@ -208,7 +208,7 @@ async fn server_on(db: &TestDb, dir: &TempDir) -> ServerProcess {
 
 #[tokio::test]
 async fn a_refused_connection_answers_503_and_the_server_recovers() {
-    let Some(db) = postgres_db("refused connection").await else {
+    let Some(db) = postgres_only!("refused connection") else {
         return;
     };
     let (prefix, upstream, path) = split_url(&db.url);
@@ -231,7 +231,7 @@ async fn a_refused_connection_answers_503_and_the_server_recovers() {
 
 #[tokio::test]
 async fn a_database_that_stops_accepting_connections_answers_503_and_recovers() {
-    let Some(db) = postgres_db("database not accepting connections").await else {
+    let Some(db) = postgres_only!("database not accepting connections") else {
         return;
     };
     let (admin, name) = (admin_url_of(&db), db_name(&db));
@@ -258,7 +258,7 @@ async fn a_database_that_stops_accepting_connections_answers_503_and_recovers() 
 
 #[tokio::test]
 async fn backends_terminated_mid_load_answer_503_never_500_and_the_server_recovers() {
-    let Some(db) = postgres_db("backends terminated mid-load").await else {
+    let Some(db) = postgres_only!("backends terminated mid-load") else {
         return;
     };
     let (admin, name) = (admin_url_of(&db), db_name(&db));
@@ -302,7 +302,7 @@ async fn a_postgres_restart_mid_load_answers_503_never_500_and_the_server_recove
 
 #[tokio::test]
 async fn a_read_only_database_refuses_writes_with_503_and_still_serves_reads() {
-    let Some(db) = postgres_db("read-only database").await else {
+    let Some(db) = postgres_only!("read-only database") else {
         return;
     };
     let (admin, name) = (admin_url_of(&db), db_name(&db));
@@ -392,7 +392,7 @@ async fn exhausted_connection_slots_answer_503_and_the_server_recovers() {
 
 #[tokio::test]
 async fn a_stall_after_the_query_was_sent_answers_503_before_the_request_timeout() {
-    let Some(db) = postgres_db("stall mid-query").await else {
+    let Some(db) = postgres_only!("stall mid-query") else {
         return;
     };
     let name = db_name(&db);

@@ -4,7 +4,7 @@
 use sqlx::Connection;
 
 use crate::{
-    harness::{kp, postgres_db, run_to_exit, server_env, stderr_lines, ServerProcess, TempDir},
+    harness::{kp, run_to_exit, server_env, stderr_lines, ServerProcess, TempDir},
     pg_admin::admin_url_of,
 };
 
@@ -44,7 +44,7 @@ async fn encrypted_sessions(admin_url: &str, name: &str) -> (i64, i64) {
 
 #[tokio::test]
 async fn sslmode_require_encrypts_every_session_of_the_server() {
-    let Some(db) = postgres_db("sslmode=require").await else {
+    let Some(db) = postgres_only!("sslmode=require") else {
         return;
     };
     let admin = admin_url_of(&db);
@@ -68,7 +68,7 @@ async fn sslmode_require_encrypts_every_session_of_the_server() {
 
 #[tokio::test]
 async fn sslmode_verify_full_checks_the_certificate_against_sslrootcert() {
-    let Some(db) = postgres_db("sslmode=verify-full").await else {
+    let Some(db) = postgres_only!("sslmode=verify-full") else {
         return;
     };
     let admin = admin_url_of(&db);
@@ -95,7 +95,7 @@ async fn sslmode_verify_full_checks_the_certificate_against_sslrootcert() {
 
 #[tokio::test]
 async fn sslmode_verify_full_without_a_trusted_root_stops_start_up_naming_database_url() {
-    let Some(db) = postgres_db("sslmode=verify-full, untrusted").await else {
+    let Some(db) = postgres_only!("sslmode=verify-full, untrusted") else {
         return;
     };
     if !ssl_is_on(&admin_url_of(&db), "sslmode=verify-full, untrusted").await {

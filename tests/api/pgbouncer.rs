@@ -7,8 +7,8 @@ use tokio::time::Instant;
 
 use crate::{
     harness::{
-        fingerprint, kp, postgres_db, problem, server_env, token, upload_request, ServerProcess,
-        TempDir, TestDb, PROCESS_PATIENCE,
+        fingerprint, kp, problem, server_env, token, upload_request, ServerProcess, TempDir,
+        TestDb, PROCESS_PATIENCE,
     },
     outage::split_url,
     pg_admin::{db_name, lock_user_row, wait_for_lock_waiters},
@@ -115,7 +115,7 @@ async fn server_behind(bouncer: &PgBouncer, db: &TestDb, dir: &TempDir) -> Serve
 
 #[tokio::test]
 async fn behind_pgbouncer_in_transaction_mode_every_route_works_from_two_processes() {
-    let Some(db) = postgres_db("pgbouncer").await else {
+    let Some(db) = postgres_only!("pgbouncer") else {
         return;
     };
     let (_, upstream, _) = split_url(&db.url);
@@ -192,7 +192,7 @@ async fn behind_pgbouncer_in_transaction_mode_every_route_works_from_two_process
 
 #[tokio::test]
 async fn behind_pgbouncer_the_postgres_timeouts_still_cut_a_blocked_upload() {
-    let Some(db) = postgres_db("pgbouncer timeouts").await else {
+    let Some(db) = postgres_only!("pgbouncer timeouts") else {
         return;
     };
     let (_, upstream, _) = split_url(&db.url);
