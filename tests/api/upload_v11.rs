@@ -310,3 +310,37 @@ async fn refused_uploads_are_counted_by_error_code() {
     assert_eq!(count("invalid_key_package").as_deref(), Some("1"), "{text}");
     assert_eq!(count("empty_upload"), None, "no series before a refusal");
 }
+
+#[tokio::test]
+async fn the_binary_reads_both_upload_settings_from_the_environment() {
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let server = ServerProcess::start_on(
+        &db,
+        &dir,
+        &[
+            ("KPS_REQUIRE_READABLE_KEY_PACKAGES", "true"),
+            ("KPS_MAX_KEY_PACKAGE_LIFETIME_SECS", "3600"),
+        ],
+    )
+    .await;
+    let response = server
+        .api
+        .upload_raw("bob", &upload_request(&[(kp("opaque"), false)], ""))
+        .await;
+    let body = problem(response, 400, "invalid_key_package").await;
+    assert_eq!(body["entry_index"], 0, "{body}");
+    let now = unix_now();
+    let long = readable_kp("long", KEY, now - 60, now + 7200);
+    let response = server
+        .api
+        .upload_raw("bob", &upload_request(&[(long, false)], ""))
+        .await;
+    let body = problem(response, 400, "invalid_lifetime").await;
+    assert_eq!(body["entry_index"], 0, "{body}");
+    let status = server
+        .api
+        .upload("bob", &[(fresh_short(now), false)], "")
+        .await;
+    assert_eq!(status.regular_count, 1);
+}
