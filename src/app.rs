@@ -14,6 +14,7 @@ use tower_http::trace::TraceLayer;
 use crate::{
     auth::Authenticator,
     error::ApiError,
+    key_package::UploadPolicy,
     metrics::Metrics,
     rate_limit::{self, Budget, ConsumeLimiter},
     routes,
@@ -31,6 +32,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Most client connections served at once; beyond it new ones wait in the kernel backlog.
     pub max_connections: usize,
+    /// What uploads must satisfy beyond v1's checks.
+    pub upload: UploadPolicy,
 }
 
 impl Default for Limits {
@@ -40,6 +43,7 @@ impl Default for Limits {
             max_body_bytes: 262_144,
             request_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            upload: UploadPolicy::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     app::Limits,
     auth::{Authenticator, VerifyingKey},
+    key_package::UploadPolicy,
     rate_limit::Budget,
     store::{sqlite::Synchronous, Backend, ConnectOptions},
 };
@@ -105,6 +106,17 @@ pub struct Config {
     #[arg(long, env = "KPS_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSynchronous::Full,
           global = true)]
     pub sqlite_synchronous: SqliteSynchronous,
+    /// Refuse uploaded entries the server cannot read as RFC 9420 KeyPackages (400
+    /// `invalid_key_package`) instead of storing them opaque.
+    #[arg(long, env = "KPS_REQUIRE_READABLE_KEY_PACKAGES", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), global = true)]
+    pub require_readable_key_packages: bool,
+    /// Longest accepted key-package lifetime, in seconds: a readable package whose `not_after`
+    /// lies further ahead is refused (400 `invalid_lifetime`); unset: no limit.
+    #[arg(long, env = "KPS_MAX_KEY_PACKAGE_LIFETIME_SECS",
+          value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub max_key_package_lifetime_secs: Option<u64>,
 }
 
 /// Values of `KPS_SQLITE_SYNCHRONOUS`.
@@ -155,6 +167,10 @@ impl Config {
             max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            upload: UploadPolicy {
+                require_readable: self.require_readable_key_packages,
+                max_lifetime_secs: self.max_key_package_lifetime_secs,
+            },
         }
     }
 
@@ -536,6 +552,29 @@ mod tests {
         }
         let c = config(&[&url[..], &["--db-pgbouncer", "false"]].concat());
         assert!(!c.connect_options().unwrap().pgbouncer);
+    }
+
+    #[test]
+    fn upload_policy_defaults_to_v1_and_follows_its_settings() {
+        assert_eq!(config(&[]).limits().upload, UploadPolicy::default());
+        let c = config(&[
+            "--require-readable-key-packages",
+            "--max-key-package-lifetime-secs",
+            "18446744073709551615",
+        ]);
+        assert_eq!(
+            c.limits().upload,
+            UploadPolicy {
+                require_readable: true,
+                max_lifetime_secs: Some(u64::MAX),
+            }
+        );
+        let c = config(&["--require-readable-key-packages", "false"]);
+        assert!(!c.limits().upload.require_readable);
+        let err =
+            Cli::try_parse_from(["keypackage-server", "--max-key-package-lifetime-secs", "0"])
+                .unwrap_err();
+        assert!(describe_clap_error(&err).starts_with("KPS_MAX_KEY_PACKAGE_LIFETIME_SECS: "));
     }
 
     #[test]

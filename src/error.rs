@@ -26,7 +26,9 @@ pub enum ApiError {
         /// Why it is not a key package.
         reason: String,
     },
-    /// 400 `empty_upload`, `multiple_last_resort` or `invalid_fingerprint`.
+    /// 400 `empty_upload`, `multiple_last_resort`, `invalid_fingerprint`, or, with the offending
+    /// `entry_index`, `invalid_lifetime`, `fingerprint_mismatch` or `invalid_key_package` (an
+    /// opaque entry when readable ones are required).
     #[error(transparent)]
     InvalidUpload(InvalidUpload),
     /// 400 `invalid_user_id`: a path user id outside the allowed alphabet or length.
@@ -97,10 +99,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidKeyPackage { .. } => "invalid_key_package",
-            Self::InvalidUpload(InvalidUpload::Empty) => "empty_upload",
-            Self::InvalidUpload(InvalidUpload::MultipleLastResort) => "multiple_last_resort",
-            Self::InvalidUpload(InvalidUpload::Fingerprint(_)) => "invalid_fingerprint",
-            Self::InvalidUpload(InvalidUpload::KeyPackage { .. }) => "invalid_key_package",
+            Self::InvalidUpload(e) => e.code(),
             Self::InvalidUserId(_) => "invalid_user_id",
             Self::MalformedBody(_) => "malformed_body",
             Self::Unauthorized(_) => "unauthorized",
@@ -163,8 +162,13 @@ impl IntoResponse for ApiError {
             "detail": self.to_string(),
             "code": self.code(),
         });
-        if let Self::InvalidKeyPackage { index, .. } = &self {
-            body["entry_index"] = (*index).into();
+        let entry_index = match &self {
+            Self::InvalidKeyPackage { index, .. } => Some(*index),
+            Self::InvalidUpload(e) => e.entry_index(),
+            _ => None,
+        };
+        if let Some(index) = entry_index {
+            body["entry_index"] = index.into();
         }
         let mut response = (status, body.to_string()).into_response();
         let headers = response.headers_mut();

@@ -34,6 +34,12 @@ struct RouteLabels {
     route: String,
 }
 
+/// Labels of the refused-upload counter: `reason` is an upload error code (a fixed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 0.25 ms … ~4 s
     Histogram::new(exponential_buckets(0.000_25, 2.0, 15))
@@ -52,6 +58,7 @@ pub struct Metrics {
     pub last_resort_handouts: Counter,
     /// Consumption requests refused by the budget.
     pub rate_limited: Counter,
+    refused: Family<RefusalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +71,7 @@ impl Default for Metrics {
         let consumed = Counter::default();
         let last_resort_handouts = Counter::default();
         let rate_limited = Counter::default();
+        let refused = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "http_requests",
             "HTTP requests by route and status",
@@ -95,6 +103,11 @@ impl Default for Metrics {
             "Consumption requests refused by the per-target budget",
             rate_limited.clone(),
         );
+        registry.register(
+            "key_package_uploads_refused",
+            "Uploads refused before anything was stored, by error code",
+            refused.clone(),
+        );
         Self {
             registry,
             requests,
@@ -103,11 +116,17 @@ impl Default for Metrics {
             consumed,
             last_resort_handouts,
             rate_limited,
+            refused,
         }
     }
 }
 
 impl Metrics {
+    /// Counts one upload refused with error code `reason` (one of the upload error codes).
+    pub fn upload_refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use keypackage_server::{
     clock,
-    key_package::{Upload, UserId},
+    key_package::{Upload, UploadPolicy, UserId},
     rate_limit::Budget,
     store::{self, ConnectOptions, ConsumeOutcome, KeyPackageStore},
 };
@@ -79,9 +79,15 @@ impl Shared {
     async fn upload(&self, user: u64, k: u64) -> &'static str {
         let id = UserId::parse(&workload::user_id(user)).expect("valid id");
         let bytes = workload::package("up", self.nonce, k, self.size);
-        let upload = Upload::parse([(bytes, false)], &self.fingerprints[user as usize])
-            .expect("valid upload");
-        match self.store.upload(&id, &upload, clock::unix_seconds()).await {
+        let now = clock::unix_seconds();
+        let upload = Upload::parse(
+            [(bytes, false)],
+            &self.fingerprints[user as usize],
+            u64::try_from(now).unwrap_or(0),
+            UploadPolicy::default(),
+        )
+        .expect("valid upload");
+        match self.store.upload(&id, &upload, now).await {
             Ok(_) => "201",
             Err(_) => "error",
         }

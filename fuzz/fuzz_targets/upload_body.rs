@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use keypackage_server::{
-    key_package::{Upload, MAX_KEY_PACKAGE_LEN, MIN_KEY_PACKAGE_LEN},
+    key_package::{Upload, UploadPolicy, MAX_KEY_PACKAGE_LEN, MIN_KEY_PACKAGE_LEN},
     wire::{Format, UploadKeyPackagesRequest},
 };
 use libfuzzer_sys::fuzz_target;
@@ -23,6 +23,8 @@ fuzz_target!(|data: &[u8]| {
             .into_iter()
             .map(|e| (e.key_package_data, e.is_last_resort)),
         &request.signing_key_fingerprint,
+        1_700_000_000,
+        UploadPolicy::default(),
     ) else {
         return;
     };

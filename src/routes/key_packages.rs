@@ -26,11 +26,20 @@ pub(crate) async fn upload_key_packages(
         .entries
         .into_iter()
         .map(|e| (e.key_package_data, e.is_last_resort));
-    let upload = Upload::parse(entries, &request.signing_key_fingerprint)?;
-    let outcome = state
-        .store
-        .upload(&user, &upload, clock::unix_seconds())
-        .await?;
+    let now = clock::unix_seconds();
+    let upload = match Upload::parse(
+        entries,
+        &request.signing_key_fingerprint,
+        u64::try_from(now).unwrap_or(0),
+        state.limits.upload,
+    ) {
+        Ok(upload) => upload,
+        Err(refused) => {
+            state.metrics.upload_refused(refused.code());
+            return Err(refused.into());
+        }
+    };
+    let outcome = state.store.upload(&user, &upload, now).await?;
     state.metrics.uploaded.inc_by(u64::from(outcome.stored));
     tracing::info!(
         user = %user,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::{ConsumeOutcome, Consumed, KeyPackageStore, Status};
 use crate::{
-    key_package::{Fingerprint, Upload, UserId, MAX_REGULAR_PACKAGES},
+    key_package::{Fingerprint, Upload, UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
     rate_limit::Budget,
 };
 
@@ -119,7 +119,14 @@ fn upload(
         .iter()
         .map(|tag| (package(tag), false))
         .chain(last_resort.map(|tag| (package(tag), true)));
-    Upload::parse(entries, fingerprint.map_or("", Fingerprint::as_str)).expect("valid upload")
+    // Synthetic packages are opaque: neither the time nor the policy bears on them.
+    Upload::parse(
+        entries,
+        fingerprint.map_or("", Fingerprint::as_str),
+        0,
+        UploadPolicy::default(),
+    )
+    .expect("valid upload")
 }
 
 /// Tags `prefix0`, `prefix1`, … for `range`.

@@ -31,3 +31,4 @@ mod readiness;
 mod status;
 mod store;
 mod upload;
+mod upload_v11;

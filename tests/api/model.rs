@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use keypackage_server::{
-    key_package::{UserId, MAX_REGULAR_PACKAGES},
+    key_package::{UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
     rate_limit::Budget,
     store::{ConsumeOutcome, KeyPackageStore, Upload},
 };
@@ -180,6 +180,8 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
                         .iter()
                         .map(|e| (Bytes::from(bytes_of(e)), e.last_resort)),
                     &fp,
+                    0,
+                    UploadPolicy::default(),
                 );
                 let expected = model.entry(user).or_default().upload(&entries, &fp, now);
                 match parsed {

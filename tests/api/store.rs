@@ -5,7 +5,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use keypackage_server::{
-    key_package::{Upload, UserId, MAX_REGULAR_PACKAGES},
+    key_package::{Upload, UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
     rate_limit::Budget,
     store::{self, ConnectOptions, ConsumeOutcome, KeyPackageStore, StoreError},
 };
@@ -56,7 +56,7 @@ fn upload_of(regular: &[String], last_resort: Option<&str>) -> Upload {
         .iter()
         .map(|tag| (Bytes::from(kp(tag)), false))
         .chain(last_resort.map(|tag| (Bytes::from(kp(tag)), true)));
-    Upload::parse(entries, "").expect("valid upload")
+    Upload::parse(entries, "", 0, UploadPolicy::default()).expect("valid upload")
 }
 
 /// Runs `consumers` consumptions of `target` at once, spread over `stores`, and returns what

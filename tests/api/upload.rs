@@ -2,7 +2,7 @@
 
 use keypackage_server::{
     app::Limits,
-    key_package::{Upload, UserId},
+    key_package::{Upload, UploadPolicy, UserId},
     wire::KeyPackageStatus,
 };
 use prost::Message;
@@ -408,7 +408,13 @@ async fn fingerprint_updated_at_changes_only_when_the_value_changes() {
     // Record fingerprint `a` long ago, through the store, so a change is visible at once.
     let bob = UserId::parse("bob").unwrap();
     let long_ago = 1_000_000_000;
-    let upload = Upload::parse([(kp("old").into(), false)], &fingerprint('a')).unwrap();
+    let upload = Upload::parse(
+        [(kp("old").into(), false)],
+        &fingerprint('a'),
+        long_ago as u64,
+        UploadPolicy::default(),
+    )
+    .unwrap();
     app.state
         .store
         .upload(&bob, &upload, long_ago)

@@ -97,3 +97,39 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// A minimal readable RFC 9420 KeyPackage (suite 1, basic credential) signed by
+/// `signature_key`, with `tag` (under 64 bytes) as its init key so that packages differ.
+pub(crate) fn readable_kp(
+    tag: &str,
+    signature_key: &[u8],
+    not_before: u64,
+    not_after: u64,
+) -> Vec<u8> {
+    fn vector(out: &mut Vec<u8>, data: &[u8]) {
+        let len = u8::try_from(data.len()).ok().filter(|l| *l < 64);
+        out.push(len.expect("one-byte lengths only"));
+        out.extend_from_slice(data);
+    }
+    let mut out = kp("");
+    out.extend_from_slice(&[0, 1, 0, 1]); // version mls10, suite 1
+    vector(&mut out, tag.as_bytes()); // init_key
+    vector(&mut out, &[2; 32]); // encryption_key
+    vector(&mut out, signature_key);
+    out.extend_from_slice(&[0, 1]); // basic credential
+    vector(&mut out, b"bob");
+    for list in [&[0, 1][..], &[0, 1], &[], &[], &[0, 1]] {
+        vector(&mut out, list); // capabilities
+    }
+    out.push(1); // leaf_node_source key_package
+    out.extend_from_slice(&not_before.to_be_bytes());
+    out.extend_from_slice(&not_after.to_be_bytes());
+    vector(&mut out, &[]); // leaf extensions
+    vector(&mut out, &[3; 8]); // leaf signature
+    vector(&mut out, &[]); // extensions
+    vector(&mut out, &[4; 8]); // signature
+    let facts =
+        keypackage_server::mls_codec::read(&out).expect("the helper builds readable packages");
+    assert_eq!((facts.not_before, facts.not_after), (not_before, not_after));
+    out
+}
