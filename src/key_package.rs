@@ -511,29 +511,7 @@ mod tests {
         not_before: u64,
         not_after: u64,
     ) -> Bytes {
-        fn vector(out: &mut Vec<u8>, data: &[u8]) {
-            assert!(data.len() < 64, "one-byte lengths only");
-            out.push(data.len() as u8);
-            out.extend_from_slice(data);
-        }
-        let mut out = MLS_KEY_PACKAGE_HEADER.to_vec();
-        out.extend_from_slice(&[0, 1, 0, 1]); // version mls10, suite 1
-        vector(&mut out, tag); // init_key
-        vector(&mut out, &[2; 32]); // encryption_key
-        vector(&mut out, signature_key);
-        out.extend_from_slice(&[0, 1]); // basic credential
-        vector(&mut out, b"alice");
-        for list in [&[0, 1][..], &[0, 1], &[], &[], &[0, 1]] {
-            vector(&mut out, list); // capabilities
-        }
-        out.push(1); // leaf_node_source key_package
-        out.extend_from_slice(&not_before.to_be_bytes());
-        out.extend_from_slice(&not_after.to_be_bytes());
-        vector(&mut out, &[]); // leaf extensions
-        vector(&mut out, &[3; 8]); // leaf signature
-        vector(&mut out, &[]); // extensions
-        vector(&mut out, &[4; 8]); // signature
-        Bytes::from(out)
+        crate::mls_codec::sample_key_package(tag, signature_key, not_before, not_after).into()
     }
 
     const KEY: &[u8] = &[7; 32];

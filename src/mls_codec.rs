@@ -536,6 +536,40 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// A minimal readable KeyPackage message (suite 1, basic credential, one-byte lengths) signed by
+/// `signature_key`, with `init_key` (under 64 bytes) so that packages differ: for tests.
+#[cfg(any(test, feature = "conformance"))]
+pub fn sample_key_package(
+    init_key: &[u8],
+    signature_key: &[u8],
+    not_before: u64,
+    not_after: u64,
+) -> Vec<u8> {
+    fn vector(out: &mut Vec<u8>, data: &[u8]) {
+        let len = u8::try_from(data.len()).ok().filter(|l| *l < 64);
+        out.push(len.expect("one-byte lengths only"));
+        out.extend_from_slice(data);
+    }
+    let mut out = vec![0, 1, 0, 5]; // MLS 1.0, mls_key_package
+    out.extend_from_slice(&[0, 1, 0, 1]); // version mls10, suite 1
+    vector(&mut out, init_key);
+    vector(&mut out, &[2; 32]); // encryption_key
+    vector(&mut out, signature_key);
+    out.extend_from_slice(&[0, 1]); // basic credential
+    vector(&mut out, b"bob");
+    for list in [&[0, 1][..], &[0, 1], &[], &[], &[0, 1]] {
+        vector(&mut out, list); // capabilities
+    }
+    out.push(1); // leaf_node_source key_package
+    out.extend_from_slice(&not_before.to_be_bytes());
+    out.extend_from_slice(&not_after.to_be_bytes());
+    vector(&mut out, &[]); // leaf extensions
+    vector(&mut out, &[3; 8]); // leaf signature
+    vector(&mut out, &[]); // extensions
+    vector(&mut out, &[4; 8]); // signature
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -106,28 +106,12 @@ pub(crate) fn readable_kp(
     not_before: u64,
     not_after: u64,
 ) -> Vec<u8> {
-    fn vector(out: &mut Vec<u8>, data: &[u8]) {
-        let len = u8::try_from(data.len()).ok().filter(|l| *l < 64);
-        out.push(len.expect("one-byte lengths only"));
-        out.extend_from_slice(data);
-    }
-    let mut out = kp("");
-    out.extend_from_slice(&[0, 1, 0, 1]); // version mls10, suite 1
-    vector(&mut out, tag.as_bytes()); // init_key
-    vector(&mut out, &[2; 32]); // encryption_key
-    vector(&mut out, signature_key);
-    out.extend_from_slice(&[0, 1]); // basic credential
-    vector(&mut out, b"bob");
-    for list in [&[0, 1][..], &[0, 1], &[], &[], &[0, 1]] {
-        vector(&mut out, list); // capabilities
-    }
-    out.push(1); // leaf_node_source key_package
-    out.extend_from_slice(&not_before.to_be_bytes());
-    out.extend_from_slice(&not_after.to_be_bytes());
-    vector(&mut out, &[]); // leaf extensions
-    vector(&mut out, &[3; 8]); // leaf signature
-    vector(&mut out, &[]); // extensions
-    vector(&mut out, &[4; 8]); // signature
+    let out = keypackage_server::mls_codec::sample_key_package(
+        tag.as_bytes(),
+        signature_key,
+        not_before,
+        not_after,
+    );
     let facts =
         keypackage_server::mls_codec::read(&out).expect("the helper builds readable packages");
     assert_eq!((facts.not_before, facts.not_after), (not_before, not_after));
