@@ -40,9 +40,15 @@ pub enum ApiError {
     /// 401 `unauthorized`, with `WWW-Authenticate: Bearer`.
     #[error("{0}")]
     Unauthorized(&'static str),
-    /// 404 `no_key_package`: the target holds no package at all.
+    /// 400 `invalid_cipher_suite`: a `ciphersuite` query value that is not a number 1–65535.
+    #[error("ciphersuite must be a decimal or 0x-prefixed hex number from 1 to 65535")]
+    InvalidCipherSuite,
+    /// 404 `no_key_package`: the target holds no package that can be handed out.
     #[error("the user has no key package")]
     NoKeyPackage,
+    /// 404 `no_compatible_key_package`: the target holds packages, none of the requested suites.
+    #[error("the user has no key package of the requested cipher suites")]
+    NoCompatibleKeyPackage,
     /// 404 `no_fingerprint`: the user never sent a fingerprint.
     #[error("the user has no signing-key fingerprint")]
     NoFingerprint,
@@ -82,9 +88,13 @@ impl ApiError {
             Self::InvalidKeyPackage { .. }
             | Self::InvalidUpload(_)
             | Self::InvalidUserId(_)
-            | Self::MalformedBody(_) => StatusCode::BAD_REQUEST,
+            | Self::MalformedBody(_)
+            | Self::InvalidCipherSuite => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::NoKeyPackage | Self::NoFingerprint | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NoKeyPackage
+            | Self::NoCompatibleKeyPackage
+            | Self::NoFingerprint
+            | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -103,7 +113,9 @@ impl ApiError {
             Self::InvalidUserId(_) => "invalid_user_id",
             Self::MalformedBody(_) => "malformed_body",
             Self::Unauthorized(_) => "unauthorized",
+            Self::InvalidCipherSuite => "invalid_cipher_suite",
             Self::NoKeyPackage => "no_key_package",
+            Self::NoCompatibleKeyPackage => "no_compatible_key_package",
             Self::NoFingerprint => "no_fingerprint",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",

@@ -103,6 +103,20 @@ pub enum InvalidKeyPackage {
     Header,
 }
 
+/// A cipher suite as a client names it in a query: a decimal or `0x`-prefixed hex number from
+/// 1 to 65535 (suite 0 is reserved by RFC 9420). Anything else is `None`.
+pub fn parse_cipher_suite(s: &str) -> Option<u16> {
+    let (digits, radix) = match s.strip_prefix("0x") {
+        Some(hex) => (hex, 16),
+        None => (s, 10),
+    };
+    // `from_str_radix` alone would accept a leading `+`.
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u16::from_str_radix(digits, radix).ok().filter(|&n| n != 0)
+}
+
 /// A key package whose wire header and size have been checked, read once as RFC 9420
 /// structures: readable (with its facts) or opaque (with the reason).
 #[derive(Clone, PartialEq, Eq)]
@@ -389,6 +403,28 @@ impl Upload {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cipher_suites_are_decimal_or_0x_hex_from_1_to_65535() {
+        use super::parse_cipher_suite as p;
+        for (text, suite) in [
+            ("1", 1),
+            ("0x0003", 3),
+            ("0x1", 1),
+            ("0xFFFF", 65535),
+            ("0xa", 10),
+            ("65535", 65535),
+            ("007", 7),
+        ] {
+            assert_eq!(p(text), Some(suite), "{text}");
+        }
+        for text in [
+            "", "0", "0x0", "0x", "65536", "0x10000", "+1", "-1", "1.0", " 1", "1 ", "0X3", "abc",
+            "0xg", "x1", "1e3",
+        ] {
+            assert_eq!(p(text), None, "{text:?}");
+        }
+    }
+
     use super::*;
 
     /// An upload judged with the default policy, as v1 requests are.

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub last_resort_handouts: Counter,
     /// Consumption requests refused by the budget.
     pub rate_limited: Counter,
+    /// Expired regular key packages removed (by consumptions and uploads).
+    pub expired_removed: Counter,
     refused: Family<RefusalLabels, Counter>,
 }
 
@@ -71,6 +73,7 @@ impl Default for Metrics {
         let consumed = Counter::default();
         let last_resort_handouts = Counter::default();
         let rate_limited = Counter::default();
+        let expired_removed = Counter::default();
         let refused = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -104,6 +107,11 @@ impl Default for Metrics {
             rate_limited.clone(),
         );
         registry.register(
+            "expired_key_packages_removed",
+            "Expired regular key packages removed, never handed out",
+            expired_removed.clone(),
+        );
+        registry.register(
             "key_package_uploads_refused",
             "Uploads refused before anything was stored, by error code",
             refused.clone(),
@@ -116,6 +124,7 @@ impl Default for Metrics {
             consumed,
             last_resort_handouts,
             rate_limited,
+            expired_removed,
             refused,
         }
     }

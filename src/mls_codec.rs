@@ -545,13 +545,26 @@ pub fn sample_key_package(
     not_before: u64,
     not_after: u64,
 ) -> Vec<u8> {
+    sample_key_package_of_suite(1, init_key, signature_key, not_before, not_after)
+}
+
+/// [`sample_key_package`] of cipher suite `suite`.
+#[cfg(any(test, feature = "conformance"))]
+pub fn sample_key_package_of_suite(
+    suite: u16,
+    init_key: &[u8],
+    signature_key: &[u8],
+    not_before: u64,
+    not_after: u64,
+) -> Vec<u8> {
     fn vector(out: &mut Vec<u8>, data: &[u8]) {
         let len = u8::try_from(data.len()).ok().filter(|l| *l < 64);
         out.push(len.expect("one-byte lengths only"));
         out.extend_from_slice(data);
     }
     let mut out = vec![0, 1, 0, 5]; // MLS 1.0, mls_key_package
-    out.extend_from_slice(&[0, 1, 0, 1]); // version mls10, suite 1
+    out.extend_from_slice(&[0, 1]); // version mls10
+    out.extend_from_slice(&suite.to_be_bytes());
     vector(&mut out, init_key);
     vector(&mut out, &[2; 32]); // encryption_key
     vector(&mut out, signature_key);

@@ -238,6 +238,7 @@ mod tests {
             has_last_resort: true,
             signing_key_fingerprint: String::new(),
             last_resort_handouts: 7,
+            ..KeyPackageStatus::default()
         };
         let json = serde_json::to_value(&msg).unwrap();
         assert_eq!(json["regularCount"], 3);

@@ -8,7 +8,7 @@ use keypackage_server::{
     clock,
     key_package::{Upload, UploadPolicy, UserId},
     rate_limit::Budget,
-    store::{self, ConnectOptions, ConsumeOutcome, KeyPackageStore},
+    store::{self, Claim, ConnectOptions, ConsumeOutcome, KeyPackageStore},
 };
 
 use crate::{
@@ -68,9 +68,14 @@ struct Shared {
 impl Shared {
     async fn consume(&self, target: u64) -> &'static str {
         let target = UserId::parse(&workload::user_id(target)).expect("valid id");
-        match self.store.consume(&target, self.budget, None).await {
+        match self
+            .store
+            .consume(&Claim::new(&target, self.budget))
+            .await
+            .map(|c| c.outcome)
+        {
             Ok(ConsumeOutcome::Consumed(_)) => "200",
-            Ok(ConsumeOutcome::Empty) => "404",
+            Ok(ConsumeOutcome::Empty | ConsumeOutcome::Incompatible) => "404",
             Ok(ConsumeOutcome::RateLimited { .. }) => "429",
             Err(_) => "error",
         }
@@ -95,7 +100,7 @@ impl Shared {
 
     async fn status(&self, user: u64) -> &'static str {
         let id = UserId::parse(&workload::user_id(user)).expect("valid id");
-        match self.store.status(&id).await {
+        match self.store.status(&id, clock::unix_seconds()).await {
             Ok(_) => "200",
             Err(_) => "error",
         }

@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
-use keypackage_server::store::postgres::{CONSUME, HELD_DIGESTS, LOCK_USER, STATUS, WRITE_PLAN};
+use keypackage_server::store::postgres::{CONSUME, HELD, LOCK_USER, STATUS, WRITE_PLAN};
 
 /// Replaces `$1`, `$2`, … by the given expressions (highest numbers first, so `$1` never
 /// eats the start of `$10`).
@@ -26,6 +26,8 @@ fn statement(sql: &str) -> String {
 /// bytes. pgbench variables: `users`, `writers`, `interval` and `window` (µs).
 pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
     let now_s = "extract(epoch FROM now())::bigint";
+    // Now as a `not_after` key (8 big-endian bytes), as the store binds it.
+    let now_key = format!("int8send({now_s})");
     let fingerprint = "encode(sha256(convert_to('fingerprint:' || :u, 'UTF8')), 'hex')";
     let user = "'u' || :u";
     // A fresh package per transaction: the MLS header, a unique label, constant filler.
@@ -41,12 +43,19 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
     let consume_sql = statement(&bind(
         CONSUME,
         // NULL: the budget runs on the database's clock, as the server's does.
-        &[user, ":interval::bigint", ":window::bigint", "NULL::bigint"],
+        // NULL suites: any package, as a claim without `?ciphersuite=`.
+        &[
+            user,
+            ":interval::bigint",
+            ":window::bigint",
+            "NULL::bigint",
+            "NULL::integer[]",
+        ],
     ));
     let mut upload_sql = String::new();
     upload_sql.push_str("BEGIN;\n");
     upload_sql.push_str(&statement(&bind(LOCK_USER, &[user, fingerprint, now_s])));
-    upload_sql.push_str(&statement(&bind(HELD_DIGESTS, &[user])));
+    upload_sql.push_str(&statement(&bind(HELD, &[user, &now_key])));
     upload_sql.push_str(&statement(&bind(
         WRITE_PLAN,
         &[
@@ -57,9 +66,16 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
             "9::bigint",
             "NULL::bytea",
             "NULL::bytea",
+            // The facts of a readable suite-1 package valid for a day, as the server stores them.
+            "ARRAY[1]::integer[]",
+            &format!("ARRAY[int8send({now_s} + 86400)]::bytea[]"),
+            &format!("ARRAY[sha256({data})]::bytea[]"),
+            "NULL::integer",
+            "NULL::bytea",
+            "NULL::bytea",
         ],
     )));
-    upload_sql.push_str(&statement(&bind(STATUS, &[user])));
+    upload_sql.push_str(&statement(&bind(STATUS, &[user, &now_key])));
     upload_sql.push_str("COMMIT;\n");
 
     let random_target = "\\set u random(0, :users - 1)\n";

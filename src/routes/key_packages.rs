@@ -2,16 +2,17 @@
 
 use axum::{extract::State, http::StatusCode};
 
-use super::UserPath;
+use super::{SuiteQuery, UserPath};
 use crate::{
     app::AppState,
     auth::AuthUser,
     clock,
     error::ApiError,
     key_package::{Fingerprint, Upload},
-    store::{ConsumeOutcome, Status},
+    store::{Claim, ConsumeOutcome, Status},
     wire::{
-        KeyPackageResponse, KeyPackageStatus, Negotiated, Reply, UploadKeyPackagesRequest, Wire,
+        CipherSuiteCount, KeyPackageResponse, KeyPackageStatus, Negotiated, Reply,
+        UploadKeyPackagesRequest, Wire,
     },
 };
 
@@ -41,6 +42,10 @@ pub(crate) async fn upload_key_packages(
     };
     let outcome = state.store.upload(&user, &upload, now).await?;
     state.metrics.uploaded.inc_by(u64::from(outcome.stored));
+    state
+        .metrics
+        .expired_removed
+        .inc_by(outcome.expired_removed);
     tracing::info!(
         user = %user,
         stored = outcome.stored,
@@ -59,7 +64,7 @@ pub(crate) async fn key_package_status(
     AuthUser(user): AuthUser,
     Negotiated(format): Negotiated,
 ) -> Result<Reply<KeyPackageStatus>, ApiError> {
-    let status = state.store.status(&user).await?;
+    let status = state.store.status(&user, clock::unix_seconds()).await?;
     Ok(Reply(format, status_message(status)))
 }
 
@@ -73,8 +78,8 @@ pub(crate) async fn delete_key_packages(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /api/v1/key-packages/{user_id}`: hands out the target's oldest regular package, or its
-/// last-resort one, charging the target's consumption budget.
+/// `GET /api/v1/key-packages/{user_id}`: hands out the target's oldest servable regular package
+/// of the requested suites, or its last-resort one, charging the target's consumption budget.
 ///
 /// The in-process pre-check refuses from memory what the shared budget would refuse; it learns
 /// only from outcomes the store reached, so a request that fails (5xx) costs no budget at all.
@@ -83,15 +88,21 @@ pub(crate) async fn consume_key_package(
     AuthUser(caller): AuthUser,
     Negotiated(format): Negotiated,
     UserPath(target): UserPath,
+    SuiteQuery(suites): SuiteQuery,
 ) -> Result<Reply<KeyPackageResponse>, ApiError> {
     let started = clock::unix_micros();
     let local = state.limiter.targets();
     local.check(&target, started)?;
-    let outcome = state
-        .store
-        .consume(&target, state.limits.budget, None)
-        .await?;
-    let package = match outcome {
+    let claim = Claim {
+        suites: &suites,
+        ..Claim::new(&target, state.limits.budget)
+    };
+    let consumption = state.store.consume(&claim).await?;
+    state
+        .metrics
+        .expired_removed
+        .inc_by(consumption.expired_removed);
+    let package = match consumption.outcome {
         ConsumeOutcome::RateLimited { retry_after } => {
             local.learn(&target, started, retry_after);
             return Err(ApiError::RateLimited { retry_after });
@@ -99,6 +110,10 @@ pub(crate) async fn consume_key_package(
         ConsumeOutcome::Empty => {
             local.record(&target, started);
             return Err(ApiError::NoKeyPackage);
+        }
+        ConsumeOutcome::Incompatible => {
+            local.record(&target, started);
+            return Err(ApiError::NoCompatibleKeyPackage);
         }
         ConsumeOutcome::Consumed(package) => {
             local.record(&target, started);
@@ -110,10 +125,12 @@ pub(crate) async fn consume_key_package(
     } else {
         state.metrics.consumed.inc();
     }
+    let facts = package.facts;
     tracing::info!(
         caller = %caller,
         target = %target,
         last_resort = package.is_last_resort,
+        cipher_suite = facts.as_ref().map_or(0, |f| f.cipher_suite),
         "key package handed out"
     );
     Ok(Reply(
@@ -122,6 +139,12 @@ pub(crate) async fn consume_key_package(
             key_package_data: package.key_package,
             is_last_resort: package.is_last_resort,
             signing_key_fingerprint: fingerprint_text(package.fingerprint),
+            key_package_ref: facts
+                .as_ref()
+                .map(|f| f.key_package_ref.clone())
+                .unwrap_or_default(),
+            cipher_suite: facts.as_ref().map_or(0, |f| u32::from(f.cipher_suite)),
+            not_after: facts.as_ref().map_or(0, |f| f.not_after),
         },
     ))
 }
@@ -132,6 +155,17 @@ fn status_message(status: Status) -> KeyPackageStatus {
         has_last_resort: status.has_last_resort,
         signing_key_fingerprint: fingerprint_text(status.fingerprint),
         last_resort_handouts: status.last_resort_handouts,
+        cipher_suites: status
+            .cipher_suites
+            .into_iter()
+            .map(|(suite, count)| CipherSuiteCount {
+                cipher_suite: suite.into(),
+                regular_count: count,
+            })
+            .collect(),
+        next_expiry: status.next_expiry,
+        last_resort_not_after: status.last_resort_not_after,
+        inventory_digest: status.inventory_digest.into(),
     }
 }
 

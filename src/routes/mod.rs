@@ -74,6 +74,27 @@ fn refuse_all_but_get() -> Response {
     response
 }
 
+/// The `ciphersuite` query parameters of a consumption, each validated (any other value is
+/// 400 `invalid_cipher_suite`); other parameters are ignored. Empty: any package qualifies.
+pub struct SuiteQuery(pub Vec<u16>);
+
+impl<S: Send + Sync> FromRequestParts<S> for SuiteQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        let mut suites = form_urlencoded::parse(query.as_bytes())
+            .filter(|(name, _)| name == "ciphersuite")
+            .map(|(_, value)| {
+                crate::key_package::parse_cipher_suite(&value).ok_or(ApiError::InvalidCipherSuite)
+            })
+            .collect::<Result<Vec<u16>, _>>()?;
+        suites.sort_unstable();
+        suites.dedup();
+        Ok(Self(suites))
+    }
+}
+
 /// A `{user_id}` path parameter, validated; anything else is 400 `invalid_user_id`.
 pub struct UserPath(pub UserId);
 

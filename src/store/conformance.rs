@@ -9,7 +9,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 use bytes::Bytes;
 
-use super::{ConsumeOutcome, Consumed, KeyPackageStore, Status};
+use super::{Claim, ConsumeOutcome, Consumed, KeyPackageStore, Status};
 use crate::{
     key_package::{Fingerprint, Upload, UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
     rate_limit::Budget,
@@ -49,7 +49,16 @@ macro_rules! conformance_tests {
             budget_allows_a_burst_then_rate_limits_until_refilled,
             rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget,
             budgets_are_per_target,
-            prune_budgets_removes_only_refilled_state
+            prune_budgets_removes_only_refilled_state,
+            expired_regular_packages_are_skipped_and_removed_by_the_next_consume,
+            an_expired_last_resort_package_is_not_handed_out,
+            expired_packages_go_before_the_cap_trims_servable_ones,
+            a_suite_filter_serves_the_oldest_package_of_the_requested_suites,
+            no_package_of_the_requested_suites_is_incompatible_and_charged,
+            the_last_resort_package_qualifies_only_for_its_suite,
+            a_handed_out_package_carries_its_facts,
+            lifetimes_beyond_i64_compare_as_u64,
+            the_status_describes_the_servable_inventory
         );
     };
     (@expand [table] $($case:ident),* $(,)?) => {
@@ -154,7 +163,7 @@ async fn prune(store: &dyn KeyPackageStore, now_ms: i64) -> u64 {
 }
 
 async fn status(store: &dyn KeyPackageStore, who: &str) -> Status {
-    store.status(&user(who)).await.expect("status")
+    store.status(&user(who), NOW_UNIX).await.expect("status")
 }
 
 async fn consume(store: &dyn KeyPackageStore, who: &str) -> ConsumeOutcome {
@@ -167,10 +176,15 @@ async fn consume_with(
     budget: Budget,
     now_ms: i64,
 ) -> ConsumeOutcome {
+    let target = user(who);
     store
-        .consume(&user(who), budget, Some(now_ms * 1_000))
+        .consume(&Claim {
+            now_us: Some(now_ms * 1_000),
+            ..Claim::new(&target, budget)
+        })
         .await
         .expect("consume")
+        .outcome
 }
 
 fn is_rate_limited(outcome: &ConsumeOutcome) -> bool {
@@ -509,10 +523,8 @@ async fn delete_all_removes_every_package_and_keeps_the_fingerprint(store: &dyn 
     assert_eq!(
         status(store, "bob").await,
         Status {
-            regular_count: 0,
-            has_last_resort: false,
             fingerprint: Some(fp.clone()),
-            last_resort_handouts: 0,
+            ..Status::default()
         }
     );
     assert_eq!(
@@ -551,14 +563,15 @@ async fn users_are_isolated(store: &dyn KeyPackageStore) {
     assert_empty(store, "bob").await;
 
     store.delete_all(&user("bob")).await.expect("delete_all");
+    let alice = status(store, "alice").await;
     assert_eq!(
-        status(store, "alice").await,
-        Status {
-            regular_count: 2,
-            has_last_resort: true,
-            fingerprint: Some(x),
-            last_resort_handouts: 0,
-        }
+        (
+            alice.regular_count,
+            alice.has_last_resort,
+            alice.fingerprint,
+            alice.last_resort_handouts
+        ),
+        (2, true, Some(x), 0)
     );
     assert_eq!(status(store, "bob").await.fingerprint, Some(y));
     take_regular(store, "alice", &["shared", "a1"]).await;
@@ -708,4 +721,396 @@ async fn prune_budgets_removes_only_refilled_state(store: &dyn KeyPackageStore) 
     }
     assert_eq!(prune(store, NOW_MS + 66_000).await, 2);
     assert_eq!(prune(store, NOW_MS + 66_000).await, 0);
+}
+
+// ---- v1.1: facts, expiry and suites -------------------------------------------------------
+
+/// A readable package of `suite` whose lifetime ends at `not_after`, told apart by `tag`.
+fn readable(tag: &str, suite: u16, not_after: u64) -> Bytes {
+    let sig = Sha256Tag::of(tag);
+    crate::mls_codec::sample_key_package_of_suite(suite, tag.as_bytes(), &sig.0, 0, not_after)
+        .into()
+}
+
+/// A signature key per tag, so that fingerprints differ between packages.
+struct Sha256Tag([u8; 32]);
+
+impl Sha256Tag {
+    fn of(tag: &str) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(tag.as_bytes()).into())
+    }
+}
+
+/// An upload of these entries (`true`: last-resort), validated at [`NOW_UNIX`].
+fn upload_at_now(entries: Vec<(Bytes, bool)>) -> Upload {
+    Upload::parse(entries, "", NOW_UNIX as u64, UploadPolicy::default()).expect("valid upload")
+}
+
+/// [`NOW_UNIX`] plus `secs`, as a lifetime.
+fn later(secs: u64) -> u64 {
+    NOW_UNIX as u64 + secs
+}
+
+async fn status_at(store: &dyn KeyPackageStore, who: &str, now_unix: i64) -> Status {
+    store.status(&user(who), now_unix).await.expect("status")
+}
+
+/// Consumes for `who` at `now_unix` (seconds), accepting `suites` (empty: any).
+async fn claim(
+    store: &dyn KeyPackageStore,
+    who: &str,
+    suites: &[u16],
+    now_unix: i64,
+) -> super::Consumption {
+    let target = user(who);
+    store
+        .consume(&Claim {
+            suites,
+            now_us: Some(now_unix * 1_000_000),
+            ..Claim::new(&target, PLENTY)
+        })
+        .await
+        .expect("consume")
+}
+
+/// The bytes of a handed-out package; panics on any other outcome.
+fn bytes_of(outcome: ConsumeOutcome) -> Bytes {
+    match outcome {
+        ConsumeOutcome::Consumed(c) => c.key_package,
+        other => panic!("expected a package, got {other:?}"),
+    }
+}
+
+/// An expired regular package is skipped and removed by the next consumption; the one after it
+/// is handed out. Until then no status counts it.
+async fn expired_regular_packages_are_skipped_and_removed_by_the_next_consume(
+    store: &dyn KeyPackageStore,
+) {
+    let short = readable("short", 1, later(10));
+    let long = readable("long", 1, later(1_000));
+    put(
+        store,
+        "bob",
+        &upload_at_now(vec![(short.clone(), false), (long.clone(), false)]),
+    )
+    .await;
+    assert_eq!(status_at(store, "bob", NOW_UNIX + 9).await.regular_count, 2);
+    // not_after is the last second of the lifetime that no longer counts: expired at equality.
+    assert_eq!(
+        status_at(store, "bob", NOW_UNIX + 10).await.regular_count,
+        1
+    );
+
+    let got = claim(store, "bob", &[], NOW_UNIX + 10).await;
+    assert_eq!(got.expired_removed, 1, "the expired package was removed");
+    assert_eq!(bytes_of(got.outcome), long);
+    let after = claim(store, "bob", &[], NOW_UNIX + 10).await;
+    assert_eq!(
+        (after.outcome, after.expired_removed),
+        (ConsumeOutcome::Empty, 0)
+    );
+}
+
+/// An expired last-resort package is never handed out nor counted, and the target reads as
+/// holding nothing.
+async fn an_expired_last_resort_package_is_not_handed_out(store: &dyn KeyPackageStore) {
+    let lr = readable("lr", 1, later(10));
+    put(store, "bob", &upload_at_now(vec![(lr.clone(), true)])).await;
+    let before = status_at(store, "bob", NOW_UNIX + 9).await;
+    assert!(before.has_last_resort);
+    assert_eq!(before.last_resort_not_after, later(10));
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[], NOW_UNIX + 9).await.outcome),
+        lr
+    );
+
+    assert_eq!(
+        claim(store, "bob", &[], NOW_UNIX + 10).await.outcome,
+        ConsumeOutcome::Empty
+    );
+    let after = status_at(store, "bob", NOW_UNIX + 10).await;
+    assert!(!after.has_last_resort);
+    assert_eq!(
+        (
+            after.last_resort_not_after,
+            after.inventory_digest.len(),
+            after.last_resort_handouts
+        ),
+        (0, 0, 1),
+        "nothing servable, and the refused hand-out was not counted"
+    );
+}
+
+/// Expired packages are removed by their owner's next upload, and do not count toward the cap:
+/// they go before any servable package is trimmed.
+async fn expired_packages_go_before_the_cap_trims_servable_ones(store: &dyn KeyPackageStore) {
+    let long: Vec<Bytes> = (0..5)
+        .map(|i| readable(&format!("long{i}"), 1, later(1_000)))
+        .collect();
+    let short: Vec<Bytes> = (0..5)
+        .map(|i| readable(&format!("short{i}"), 1, later(10)))
+        .collect();
+    let held = long
+        .iter()
+        .chain(&short)
+        .map(|b| (b.clone(), false))
+        .collect();
+    put(store, "bob", &upload_at_now(held)).await;
+    assert_eq!(status(store, "bob").await.regular_count, 10);
+
+    let fresh: Vec<Bytes> = (0..3)
+        .map(|i| readable(&format!("new{i}"), 1, later(2_000)))
+        .collect();
+    let entries: Vec<_> = fresh.iter().map(|b| (b.clone(), false)).collect();
+    let upload = Upload::parse(entries, "", later(20), UploadPolicy::default()).expect("valid");
+    let outcome = store
+        .upload(&user("bob"), &upload, NOW_UNIX + 20)
+        .await
+        .expect("upload");
+    assert_eq!(outcome.expired_removed, 5);
+    assert_eq!(
+        outcome.status.regular_count, 8,
+        "the five long-lived packages survive beside the three new ones"
+    );
+    for expected in long.iter().chain(&fresh) {
+        assert_eq!(
+            &bytes_of(claim(store, "bob", &[], NOW_UNIX + 20).await.outcome),
+            expected
+        );
+    }
+}
+
+/// With suites asked for, only readable packages of those suites qualify, oldest first; without,
+/// every servable package does, opaque ones included.
+async fn a_suite_filter_serves_the_oldest_package_of_the_requested_suites(
+    store: &dyn KeyPackageStore,
+) {
+    let a1 = readable("a1", 1, later(1_000));
+    let b3 = readable("b3", 3, later(1_000));
+    let opaque = package("opaque");
+    let c1 = readable("c1", 1, later(1_000));
+    let d2 = readable("d2", 2, later(1_000));
+    let entries = [&a1, &b3, &opaque, &c1, &d2]
+        .map(|b| (b.clone(), false))
+        .to_vec();
+    put(store, "bob", &upload_at_now(entries)).await;
+
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[3], NOW_UNIX).await.outcome),
+        b3
+    );
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[2, 3], NOW_UNIX).await.outcome),
+        d2
+    );
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[1, 7], NOW_UNIX).await.outcome),
+        a1
+    );
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[], NOW_UNIX).await.outcome),
+        opaque
+    );
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[], NOW_UNIX).await.outcome),
+        c1
+    );
+}
+
+/// Nothing of the requested suites: `Incompatible` while anything servable is held (an opaque
+/// package too), `Empty` once nothing is; both are charged to the budget.
+async fn no_package_of_the_requested_suites_is_incompatible_and_charged(
+    store: &dyn KeyPackageStore,
+) {
+    let one = Budget::per_minute(1);
+    let target = user("bob");
+    let ask = |suites: &'static [u16], now_s: i64| {
+        let target = &target;
+        async move {
+            store
+                .consume(&Claim {
+                    suites,
+                    now_us: Some(now_s * 1_000_000),
+                    ..Claim::new(target, one)
+                })
+                .await
+                .expect("consume")
+                .outcome
+        }
+    };
+    put(
+        store,
+        "bob",
+        &upload_at_now(vec![(package("opaque"), false)]),
+    )
+    .await;
+    assert_eq!(ask(&[1], NOW_UNIX).await, ConsumeOutcome::Incompatible);
+    assert!(
+        is_rate_limited(&ask(&[], NOW_UNIX).await),
+        "the refusal was charged"
+    );
+
+    store.delete_all(&target).await.expect("delete");
+    assert_eq!(ask(&[1], NOW_UNIX + 60).await, ConsumeOutcome::Empty);
+    assert!(
+        is_rate_limited(&ask(&[], NOW_UNIX + 60).await),
+        "the 404 was charged"
+    );
+
+    // An expired package is nothing servable either.
+    let lr = readable("lr", 1, later(150));
+    put(store, "bob", &upload_at_now(vec![(lr, true)])).await;
+    assert_eq!(
+        ask(&[2], NOW_UNIX + 120).await,
+        ConsumeOutcome::Incompatible
+    );
+    assert_eq!(ask(&[2], NOW_UNIX + 180).await, ConsumeOutcome::Empty);
+}
+
+/// The last-resort package qualifies for a suite filter only by its own suite.
+async fn the_last_resort_package_qualifies_only_for_its_suite(store: &dyn KeyPackageStore) {
+    let lr = readable("lr", 2, later(1_000));
+    put(
+        store,
+        "bob",
+        &upload_at_now(vec![
+            (lr.clone(), true),
+            (readable("r", 1, later(1_000)), false),
+        ]),
+    )
+    .await;
+    match claim(store, "bob", &[2], NOW_UNIX).await.outcome {
+        ConsumeOutcome::Consumed(c) => {
+            assert!(c.is_last_resort, "no regular package is of suite 2");
+            assert_eq!(
+                (c.key_package, c.facts.map(|f| f.cipher_suite)),
+                (lr.clone(), Some(2))
+            );
+        }
+        other => panic!("expected the last-resort package, got {other:?}"),
+    }
+    take_regular_facts(store, "bob", &[1]).await;
+    assert_eq!(
+        claim(store, "bob", &[1], NOW_UNIX).await.outcome,
+        ConsumeOutcome::Incompatible
+    );
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[2], NOW_UNIX).await.outcome),
+        lr
+    );
+}
+
+/// Takes one package per listed suite, checking each hands out a package of that suite.
+async fn take_regular_facts(store: &dyn KeyPackageStore, who: &str, suites: &[u16]) {
+    for &suite in suites {
+        match claim(store, who, &[suite], NOW_UNIX).await.outcome {
+            ConsumeOutcome::Consumed(c) => {
+                assert!(!c.is_last_resort);
+                assert_eq!(c.facts.map(|f| f.cipher_suite), Some(suite));
+            }
+            other => panic!("expected a package of suite {suite}, got {other:?}"),
+        }
+    }
+}
+
+/// A handed-out package carries the facts read at upload: suite, `not_after` and the
+/// KeyPackageRef; an opaque one carries none.
+async fn a_handed_out_package_carries_its_facts(store: &dyn KeyPackageStore) {
+    let bytes = readable("kp", 1, later(1_000));
+    let facts = crate::mls_codec::read(&bytes).expect("readable");
+    put(
+        store,
+        "bob",
+        &upload_at_now(vec![(bytes.clone(), false), (package("o"), false)]),
+    )
+    .await;
+    match claim(store, "bob", &[], NOW_UNIX).await.outcome {
+        ConsumeOutcome::Consumed(c) => {
+            let stored = c.facts.expect("facts of a readable package");
+            assert_eq!(stored.cipher_suite, 1);
+            assert_eq!(stored.not_after, later(1_000));
+            assert_eq!(Some(stored.key_package_ref.to_vec()), facts.key_package_ref);
+            assert_eq!(stored.key_package_ref.len(), 32, "SHA-256 for suite 1");
+        }
+        other => panic!("expected the readable package, got {other:?}"),
+    }
+    match claim(store, "bob", &[], NOW_UNIX).await.outcome {
+        ConsumeOutcome::Consumed(c) => assert_eq!(c.facts, None),
+        other => panic!("expected the opaque package, got {other:?}"),
+    }
+}
+
+/// Lifetimes compare as u64 over their whole range: past i64::MAX nothing wraps to "expired".
+async fn lifetimes_beyond_i64_compare_as_u64(store: &dyn KeyPackageStore) {
+    let max = readable("max", 1, u64::MAX);
+    let top = readable("top", 1, (1 << 63) + 1);
+    let entries = vec![(max.clone(), false), (top.clone(), false)];
+    put(store, "bob", &upload_at_now(entries)).await;
+    let held = status_at(store, "bob", i64::MAX).await;
+    assert_eq!(
+        held.regular_count, 2,
+        "neither has expired, even at i64::MAX"
+    );
+    assert_eq!(held.next_expiry, (1 << 63) + 1);
+    assert_eq!(
+        bytes_of(claim(store, "bob", &[], NOW_UNIX).await.outcome),
+        max
+    );
+}
+
+/// The status counts servable packages per suite (opaque under 0, ascending), the earliest
+/// expiry, the last-resort lifetime and the inventory digest, exactly as the contract defines
+/// them.
+async fn the_status_describes_the_servable_inventory(store: &dyn KeyPackageStore) {
+    use sha2::{Digest, Sha256};
+    let p3 = readable("p3", 3, later(500));
+    let p1 = readable("p1", 1, later(300));
+    let opaque = package("o");
+    let gone = readable("gone", 1, later(5));
+    let lr = readable("lr", 2, later(900));
+    let entries = vec![
+        (p3.clone(), false),
+        (gone.clone(), false),
+        (p1.clone(), false),
+        (opaque.clone(), false),
+        (lr.clone(), true),
+    ];
+    put(store, "bob", &upload_at_now(entries)).await;
+
+    let got = status_at(store, "bob", NOW_UNIX + 5).await;
+    let digest = |parts: &[&Bytes]| {
+        let mut outer = Sha256::new();
+        for part in parts {
+            outer.update(Sha256::digest(part));
+        }
+        outer.finalize().to_vec()
+    };
+    assert_eq!(got.regular_count, 3);
+    assert!(got.has_last_resort);
+    assert_eq!(got.cipher_suites, vec![(0, 1), (1, 1), (3, 1)]);
+    assert_eq!(got.next_expiry, later(300));
+    assert_eq!(got.last_resort_not_after, later(900));
+    assert_eq!(got.inventory_digest, digest(&[&p3, &p1, &opaque, &lr]));
+
+    // Before `gone` expired it was part of all of it.
+    let earlier = status_at(store, "bob", NOW_UNIX).await;
+    assert_eq!(earlier.cipher_suites, vec![(0, 1), (1, 2), (3, 1)]);
+    assert_eq!(earlier.next_expiry, later(5));
+    assert_eq!(
+        earlier.inventory_digest,
+        digest(&[&p3, &gone, &p1, &opaque, &lr])
+    );
+
+    // Only opaque packages: no expiry to report.
+    store.delete_all(&user("bob")).await.expect("delete");
+    put(store, "bob", &upload_at_now(vec![(opaque.clone(), false)])).await;
+    let opaque_only = status(store, "bob").await;
+    assert_eq!(
+        (opaque_only.next_expiry, opaque_only.last_resort_not_after),
+        (0, 0)
+    );
+    assert_eq!(opaque_only.inventory_digest, digest(&[&opaque]));
+    store.delete_all(&user("bob")).await.expect("delete");
+    assert!(status(store, "bob").await.inventory_digest.is_empty());
 }

@@ -6,9 +6,8 @@ use std::{future::Future, time::Duration};
 
 use async_trait::async_trait;
 
-use super::{ConsumeOutcome, KeyPackageStore, Status, StoreError, Upload, UploadOutcome};
+use super::{Claim, Consumption, KeyPackageStore, Status, StoreError, Upload, UploadOutcome};
 use crate::key_package::{Fingerprint, UserId};
-use crate::rate_limit::Budget;
 
 /// Wraps a store so that each call gives up after `limit` with [`StoreError::Unavailable`].
 ///
@@ -52,18 +51,16 @@ impl<S: KeyPackageStore> KeyPackageStore for Deadline<S> {
         self.within(self.inner.upload(user, upload, now_unix)).await
     }
 
-    async fn consume(
-        &self,
-        target: &UserId,
-        budget: Budget,
-        now_us: Option<i64>,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        self.within(self.inner.consume(target, budget, now_us))
-            .await
+    async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
+        self.within(self.inner.consume(claim)).await
     }
 
-    async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
-        self.within(self.inner.status(user)).await
+    async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {
+        self.within(self.inner.status(user, now_unix)).await
+    }
+
+    async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
+        self.within(self.inner.read_stored_facts(limit)).await
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
@@ -100,15 +97,13 @@ mod tests {
         ) -> Result<UploadOutcome, StoreError> {
             std::future::pending().await
         }
-        async fn consume(
-            &self,
-            _: &UserId,
-            _: Budget,
-            _: Option<i64>,
-        ) -> Result<ConsumeOutcome, StoreError> {
+        async fn consume(&self, _: &Claim<'_>) -> Result<Consumption, StoreError> {
             std::future::pending().await
         }
-        async fn status(&self, _: &UserId) -> Result<Status, StoreError> {
+        async fn status(&self, _: &UserId, _: i64) -> Result<Status, StoreError> {
+            std::future::pending().await
+        }
+        async fn read_stored_facts(&self, _: u32) -> Result<u64, StoreError> {
             std::future::pending().await
         }
         async fn delete_all(&self, _: &UserId) -> Result<(), StoreError> {
@@ -131,7 +126,7 @@ mod tests {
         let user = UserId::parse("bob").unwrap();
         let started = tokio::time::Instant::now();
         assert!(matches!(
-            store.status(&user).await,
+            store.status(&user, 0).await,
             Err(StoreError::Unavailable(_))
         ));
         assert_eq!(started.elapsed(), Duration::from_secs(5));

@@ -15,13 +15,11 @@ use sqlx::{
 };
 
 use super::{
-    ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow, FingerprintRow, KeyPackageStore,
-    Status, StatusRow, StoreError, Upload, UploadOutcome, UploadPlan,
+    build_status, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow,
+    Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow, StoreError,
+    UnreadRow, Upload, UploadOutcome, UploadPlan,
 };
-use crate::{
-    key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
-    rate_limit::Budget,
-};
+use crate::key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES};
 
 /// The Postgres schema, applied at start by [`PgStore::connect`].
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -89,19 +87,23 @@ RETURNING last_resort_digest";
 
 /// Writes an [`UploadPlan`] in one statement, under the lock taken by [`LOCK_USER`]: appends
 /// the regular packages in plan order, keeps only the `$5` newest of the packages held before
-/// (so with the `n` new ones at most 10 remain), and replaces the last-resort package.
+/// (so with the `n` new ones at most 10 remain; [`HELD`] removed the expired ones already), and
+/// replaces the last-resort package.
 ///
 /// The sub-statements share one snapshot, so the trim cannot see (and never removes) the rows
 /// inserted beside it; no other session inserts for this user while the lock is held.
 ///
-/// $1 user, $2 digests and $3 bytes of the regular packages (oldest first), $4 fingerprint
-/// ('' for none), $5 held packages to keep, $6 last-resort bytes and $7 its digest (or NULLs).
+/// $1 user; $2 digests, $3 bytes, $8 suites, $9 `not_after` keys and $10 refs of the regular
+/// packages (oldest first); $4 fingerprint ('' for none); $5 held packages to keep; $6
+/// last-resort bytes, $7 its digest, $11 suite, $12 `not_after` key and $13 ref (or NULLs).
 /// Returns how many regular packages were inserted.
 pub const WRITE_PLAN: &str = "\
 WITH inserted AS (
-    INSERT INTO key_packages (user_id, digest, data, fingerprint)
-    SELECT $1, p.digest, p.data, $4
-    FROM UNNEST($2::bytea[], $3::bytea[]) WITH ORDINALITY AS p (digest, data, ord)
+    INSERT INTO key_packages
+        (user_id, digest, data, fingerprint, cipher_suite, not_after, key_package_ref)
+    SELECT $1, p.digest, p.data, $4, p.suite, p.not_after, p.ref
+    FROM UNNEST($2::bytea[], $3::bytea[], $8::integer[], $9::bytea[], $10::bytea[])
+        WITH ORDINALITY AS p (digest, data, suite, not_after, ref, ord)
     ORDER BY p.ord
     ON CONFLICT (user_id, digest) DO NOTHING
     RETURNING id
@@ -111,30 +113,50 @@ WITH inserted AS (
 ), replaced AS (
     UPDATE users
     SET last_resort = $6, last_resort_digest = $7, last_resort_fingerprint = $4,
-        last_resort_handouts = 0
+        last_resort_handouts = 0, last_resort_cipher_suite = $11, last_resort_not_after = $12,
+        last_resort_ref = $13
     WHERE user_id = $1 AND $6::bytea IS NOT NULL
 )
 SELECT count(*) FROM inserted";
 
 /// One consumption: the `kps_consume` function of the migrations, which locks the target's
-/// budget and user rows, charges the budget by the database's clock and hands out a package,
-/// in one transaction and one round trip (see `migrations/postgres/0002_consume_function.sql`).
+/// budget and user rows, charges the budget by the database's clock, removes expired packages
+/// and hands out a package, in one transaction and one round trip (see
+/// `migrations/postgres/0003_facts.sql`).
 ///
 /// $1 target, $2 refill interval (µs), $3 window (µs), $4 now (µs) or NULL for the database's
-/// clock. No row: nothing held; `wait_us` set: refused by the budget; otherwise the package.
-pub const CONSUME: &str = "SELECT wait_us, data, fingerprint, is_last_resort \
-FROM kps_consume($1, $2, $3, $4)";
+/// clock, $5 accepted suites or NULL for any. One row: `wait_us` set when refused by the
+/// budget; else the package ([`ConsumedRow`]), or none and whether anything is `servable`.
+pub const CONSUME: &str = "\
+SELECT wait_us, expired_removed, servable, kp_data AS data, kp_fingerprint AS fingerprint,
+       kp_is_last_resort AS is_last_resort, kp_cipher_suite AS cipher_suite,
+       kp_not_after AS not_after, kp_ref AS key_package_ref
+FROM kps_consume($1, $2, $3, $4, $5)";
 
-/// The user's status ([`StatusRow`]), from inside or outside a transaction. $1 user.
-pub const STATUS: &str = "\
-SELECT (SELECT count(*) FROM key_packages WHERE user_id = $1) AS regular_count,
-       last_resort IS NOT NULL AS has_last_resort, fingerprint, last_resort_handouts
-FROM users WHERE user_id = $1";
+/// Removes the user's expired regular packages and returns how many, with the digests of the
+/// rest. Runs under the lock [`LOCK_USER`] took, as a statement of its own, so its snapshot
+/// sees everything the previous upload of this user committed. $1 user, $2 now as a
+/// `not_after` key.
+pub const HELD: &str = "\
+WITH expired AS (
+    DELETE FROM key_packages WHERE user_id = $1 AND not_after <= $2 RETURNING id
+)
+SELECT (SELECT count(*) FROM expired) AS expired,
+       ARRAY(SELECT k.digest FROM key_packages k
+             WHERE k.user_id = $1 AND k.id NOT IN (SELECT id FROM expired)) AS digests";
 
-/// Digests of the user's regular packages, read under the lock [`LOCK_USER`] took: a statement
-/// of its own, so its snapshot sees everything the previous upload of this user committed.
-/// $1 user.
-pub const HELD_DIGESTS: &str = "SELECT digest FROM key_packages WHERE user_id = $1";
+/// Up to `$1` regular packages stored by an earlier version that did not read facts
+/// ([`UnreadRow`]), locked so that processes starting at once share the work.
+pub const UNREAD_REGULAR: &str = "\
+SELECT id, user_id, data FROM key_packages WHERE cipher_suite IS NULL
+ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Up to `$1` last-resort packages stored by an earlier version that did not read facts
+/// ([`UnreadRow`]), locked as [`UNREAD_REGULAR`].
+pub const UNREAD_LAST_RESORT: &str = "\
+SELECT NULL::bigint AS id, user_id, last_resort AS data FROM users
+WHERE last_resort IS NOT NULL AND last_resort_cipher_suite IS NULL
+LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 /// First half of a delete: drops the last-resort package under the user's row lock, as uploads
 /// take it, so the two never wait on each other in a cycle. $1 user.
@@ -160,6 +182,8 @@ DELETE FROM consume_budgets WHERE user_id IN (
     WHERE tat_us <= COALESCE($1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
     LIMIT $2
     FOR UPDATE SKIP LOCKED)";
+
+pub use super::common_sql::{SET_FACTS, SET_LAST_RESORT_FACTS, STATUS};
 
 /// Serialises migrations of processes that start at once behind PgBouncer, where sqlx's
 /// session-level lock cannot be used (see [`migrate_in_one_transaction`]).
@@ -325,13 +349,15 @@ impl PgStore {
         &self,
         conn: &mut PgConnection,
         user: &UserId,
+        now_unix: i64,
     ) -> Result<Status, StoreError> {
-        let row: Option<StatusRow> = self
+        let rows: Vec<StatusRow> = self
             .query_as(STATUS)
             .bind(user.as_str())
-            .fetch_optional(conn)
+            .bind(now_key(now_unix).as_slice())
+            .fetch_all(conn)
             .await?;
-        Ok(row.map(Status::from).unwrap_or_default())
+        Ok(build_status(rows, now_unix))
     }
 }
 
@@ -352,16 +378,26 @@ impl KeyPackageStore for PgStore {
             .bind(fingerprint.map(|_| now_unix))
             .fetch_one(&mut *tx)
             .await?;
-        let held: Vec<Vec<u8>> = self
-            .query_scalar(HELD_DIGESTS)
+        let (expired, held): (i64, Vec<Vec<u8>>) = self
+            .query_as(HELD)
             .bind(user.as_str())
-            .fetch_all(&mut *tx)
+            .bind(now_key(now_unix).as_slice())
+            .fetch_one(&mut *tx)
             .await?;
         let plan = UploadPlan::new(upload, &held, held_last_resort.as_deref());
         let mut stored = u32::from(plan.last_resort.is_some());
         if plan.stored() > 0 {
+            let facts: Vec<FactColumns> = plan.regular.iter().map(|p| FactColumns::of(p)).collect();
             let digests: Vec<&[u8]> = plan.regular.iter().map(|p| p.digest().as_slice()).collect();
             let data: Vec<&[u8]> = plan.regular.iter().map(|p| p.bytes().as_ref()).collect();
+            let suites: Vec<i32> = facts.iter().map(|f| f.cipher_suite).collect();
+            let not_after: Vec<Option<&[u8]>> = facts
+                .iter()
+                .map(|f| f.not_after.as_ref().map(|k| k.as_slice()))
+                .collect();
+            let refs: Vec<Option<&[u8]>> =
+                facts.iter().map(|f| f.key_package_ref.as_deref()).collect();
+            let last_resort = plan.last_resort.map(FactColumns::of);
             let keep = (MAX_REGULAR_PACKAGES - plan.regular.len()) as i64;
             let inserted: i64 = self
                 .query_scalar(WRITE_PLAN)
@@ -372,51 +408,106 @@ impl KeyPackageStore for PgStore {
                 .bind(keep)
                 .bind(plan.last_resort.map(|p| p.bytes().as_ref()))
                 .bind(plan.last_resort.map(|p| p.digest().as_slice()))
+                .bind(suites)
+                .bind(not_after)
+                .bind(refs)
+                .bind(last_resort.as_ref().map(|f| f.cipher_suite))
+                .bind(
+                    last_resort
+                        .as_ref()
+                        .and_then(|f| f.not_after.map(Vec::from)),
+                )
+                .bind(
+                    last_resort
+                        .as_ref()
+                        .and_then(|f| f.key_package_ref.as_deref()),
+                )
                 .fetch_one(&mut *tx)
                 .await?;
             stored += inserted as u32;
         }
-        let status = self.status_in(&mut tx, user).await?;
+        let status = self.status_in(&mut tx, user, now_unix).await?;
         tx.commit().await?;
-        Ok(UploadOutcome { stored, status })
-    }
-
-    async fn consume(
-        &self,
-        target: &UserId,
-        budget: Budget,
-        now_us: Option<i64>,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        let mut session = self.session().await?;
-        let row: Option<ConsumeRow> = self
-            .query_as(CONSUME)
-            .bind(target.as_str())
-            .bind(budget.interval_us())
-            .bind(budget.window_us())
-            .bind(now_us)
-            .fetch_optional(session.conn())
-            .await?;
-        session.finish().await?;
-        Ok(match row {
-            Some(ConsumeRow {
-                wait_us: Some(wait),
-                ..
-            }) => ConsumeOutcome::RateLimited {
-                retry_after: std::time::Duration::from_micros(u64::try_from(wait).unwrap_or(0)),
-            },
-            Some(ConsumeRow {
-                package: Some(package),
-                ..
-            }) => ConsumeOutcome::Consumed(package.into()),
-            _ => ConsumeOutcome::Empty,
+        Ok(UploadOutcome {
+            stored,
+            expired_removed: u64::try_from(expired).unwrap_or(0),
+            status,
         })
     }
 
-    async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
+    async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
+        let suites: Option<Vec<i32>> =
+            (!claim.suites.is_empty()).then(|| claim.suites.iter().map(|&s| s.into()).collect());
         let mut session = self.session().await?;
-        let status = self.status_in(session.conn(), user).await?;
+        let row: ConsumeRow = self
+            .query_as(CONSUME)
+            .bind(claim.target.as_str())
+            .bind(claim.budget.interval_us())
+            .bind(claim.budget.window_us())
+            .bind(claim.now_us)
+            .bind(suites)
+            .fetch_one(session.conn())
+            .await?;
+        session.finish().await?;
+        let expired = u64::try_from(row.expired_removed).unwrap_or(0);
+        let outcome = match row {
+            ConsumeRow {
+                wait_us: Some(wait),
+                ..
+            } => ConsumeOutcome::RateLimited {
+                retry_after: std::time::Duration::from_micros(u64::try_from(wait).unwrap_or(0)),
+            },
+            ConsumeRow {
+                package: Some(package),
+                ..
+            } => ConsumeOutcome::Consumed(package.into()),
+            ConsumeRow { servable: true, .. } => ConsumeOutcome::Incompatible,
+            _ => ConsumeOutcome::Empty,
+        };
+        Ok(Consumption {
+            outcome,
+            expired_removed: expired,
+        })
+    }
+
+    async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {
+        let mut session = self.session().await?;
+        let status = self.status_in(session.conn(), user, now_unix).await?;
         session.finish().await?;
         Ok(status)
+    }
+
+    async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut unread: Vec<UnreadRow> = self
+            .query_as(UNREAD_REGULAR)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        let room = u64::from(limit).saturating_sub(unread.len() as u64);
+        if room > 0 {
+            let last_resort: Vec<UnreadRow> = self
+                .query_as(UNREAD_LAST_RESORT)
+                .bind(room as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+            unread.extend(last_resort);
+        }
+        for row in &unread {
+            let facts = FactColumns::read(&row.data);
+            let query = match row.id {
+                Some(id) => self.query(SET_FACTS).bind(id),
+                None => self.query(SET_LAST_RESORT_FACTS).bind(row.user_id.as_str()),
+            };
+            query
+                .bind(facts.cipher_suite)
+                .bind(facts.not_after.map(Vec::from))
+                .bind(facts.key_package_ref)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(unread.len() as u64)
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
@@ -486,9 +577,12 @@ async fn migrate_in_one_transaction(conn: &mut PgConnection) -> Result<(), Conne
     tx.commit().await.map_err(ConnectError::Open)
 }
 
-/// A [`CONSUME`] row: the wait when the budget refused, else the package handed out.
+/// A [`CONSUME`] row: the wait when the budget refused, else the package handed out, or
+/// whether anything servable is held.
 struct ConsumeRow {
     wait_us: Option<i64>,
+    expired_removed: i64,
+    servable: bool,
     package: Option<ConsumedRow>,
 }
 
@@ -496,12 +590,19 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ConsumeRow {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
         let wait_us = row.try_get("wait_us")?;
+        let expired_removed = row.try_get("expired_removed")?;
+        let servable: Option<bool> = row.try_get("servable")?;
         // The package columns are NULL together when nothing was handed out.
         let data: Option<Vec<u8>> = row.try_get("data")?;
         let package = match data {
             Some(_) => Some(ConsumedRow::from_row(row)?),
             None => None,
         };
-        Ok(Self { wait_us, package })
+        Ok(Self {
+            wait_us,
+            expired_removed,
+            servable: servable.unwrap_or(false),
+            package,
+        })
     }
 }

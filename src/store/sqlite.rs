@@ -16,13 +16,13 @@ use sqlx::{
 };
 
 use super::{
-    ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow, FingerprintRow, KeyPackageStore,
-    Status, StatusRow, StoreError, Upload, UploadOutcome, UploadPlan,
+    build_status, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow,
+    Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow, StoreError,
+    UnreadRow, Upload, UploadOutcome, UploadPlan,
 };
 use crate::{
     clock,
     key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
-    rate_limit::Budget,
 };
 
 /// The SQLite schema, applied at start by [`SqliteStore::connect`].
@@ -57,6 +57,9 @@ pub const HELD_LAST_RESORT: &str = "SELECT last_resort_digest FROM users WHERE u
 /// Digests of the user's regular packages. $1 user.
 pub const HELD_DIGESTS: &str = "SELECT digest FROM key_packages WHERE user_id = $1";
 
+/// Removes the user's expired regular packages. $1 user, $2 now as a `not_after` key.
+pub const DROP_EXPIRED: &str = "DELETE FROM key_packages WHERE user_id = $1 AND not_after <= $2";
+
 /// Records a new fingerprint, stamping the time only when the value changes.
 /// $1 user, $2 fingerprint, $3 now (Unix seconds).
 pub const SET_FINGERPRINT: &str = "\
@@ -64,15 +67,20 @@ UPDATE users SET fingerprint = $2, fingerprint_updated_at = $3
 WHERE user_id = $1 AND fingerprint IS NOT $2";
 
 /// Appends one regular package; the rowid grows with upload order (FIFO).
-/// $1 user, $2 digest, $3 bytes, $4 fingerprint ('' for none).
+/// $1 user, $2 digest, $3 bytes, $4 fingerprint ('' for none), $5 suite, $6 `not_after` key,
+/// $7 ref.
 pub const INSERT_PACKAGE: &str = "\
-INSERT INTO key_packages (user_id, digest, data, fingerprint) VALUES ($1, $2, $3, $4)";
+INSERT INTO key_packages
+    (user_id, digest, data, fingerprint, cipher_suite, not_after, key_package_ref)
+VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 /// Replaces the last-resort package and resets its hand-out count.
-/// $1 user, $2 bytes, $3 digest, $4 fingerprint ('' for none).
+/// $1 user, $2 bytes, $3 digest, $4 fingerprint ('' for none), $5 suite, $6 `not_after` key,
+/// $7 ref.
 pub const REPLACE_LAST_RESORT: &str = "\
 UPDATE users SET last_resort = $2, last_resort_digest = $3, last_resort_fingerprint = $4,
-    last_resort_handouts = 0
+    last_resort_handouts = 0, last_resort_cipher_suite = $5, last_resort_not_after = $6,
+    last_resort_ref = $7
 WHERE user_id = $1";
 
 /// Keeps the user's `$2` newest regular packages. $1 user, $2 how many.
@@ -88,23 +96,46 @@ pub const CHARGE_BUDGET: &str = "\
 INSERT INTO consume_budgets (user_id, tat_us) VALUES ($1, $2)
 ON CONFLICT (user_id) DO UPDATE SET tat_us = excluded.tat_us";
 
-/// Removes and returns the target's oldest regular package ([`ConsumedRow`]). $1 target.
+/// Removes and returns the target's oldest regular package of the accepted suites
+/// ([`ConsumedRow`]), once [`DROP_EXPIRED`] has run. $1 target, $2 the suites as a JSON array,
+/// or NULL for any package. A range scan of `key_packages_user_fifo` over the target's rows,
+/// which uploads keep at 10 at most.
 pub const TAKE_OLDEST: &str = "\
 DELETE FROM key_packages WHERE id =
-    (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id LIMIT 1)
-RETURNING data, fingerprint, false AS is_last_resort";
+    (SELECT id FROM key_packages WHERE user_id = $1
+       AND ($2 IS NULL OR cipher_suite IN (SELECT value FROM json_each($2)))
+     ORDER BY id LIMIT 1)
+RETURNING data, fingerprint, false AS is_last_resort, cipher_suite, not_after, key_package_ref";
 
-/// Counts a hand-out of the last-resort package and returns it ([`ConsumedRow`]). $1 target.
+/// Counts a hand-out of the last-resort package, if it has not expired and is of an accepted
+/// suite, and returns it ([`ConsumedRow`]). $1 target, $2 suites as for [`TAKE_OLDEST`], $3 now
+/// as a `not_after` key.
 pub const HAND_OUT_LAST_RESORT: &str = "\
 UPDATE users SET last_resort_handouts = last_resort_handouts + 1
 WHERE user_id = $1 AND last_resort IS NOT NULL
-RETURNING last_resort AS data, last_resort_fingerprint AS fingerprint, true AS is_last_resort";
+  AND (last_resort_not_after IS NULL OR last_resort_not_after > $3)
+  AND ($2 IS NULL OR last_resort_cipher_suite IN (SELECT value FROM json_each($2)))
+RETURNING last_resort AS data, last_resort_fingerprint AS fingerprint, true AS is_last_resort,
+    last_resort_cipher_suite AS cipher_suite, last_resort_not_after AS not_after,
+    last_resort_ref AS key_package_ref";
 
-/// The user's status ([`StatusRow`]). $1 user.
-pub const STATUS: &str = "\
-SELECT (SELECT count(*) FROM key_packages WHERE user_id = $1) AS regular_count,
-       last_resort IS NOT NULL AS has_last_resort, fingerprint, last_resort_handouts
-FROM users WHERE user_id = $1";
+/// Whether the target holds anything servable, once [`DROP_EXPIRED`] has run. $1 target, $2 now
+/// as a `not_after` key.
+pub const SERVABLE: &str = "\
+SELECT EXISTS (SELECT 1 FROM key_packages WHERE user_id = $1)
+    OR EXISTS (SELECT 1 FROM users WHERE user_id = $1 AND last_resort IS NOT NULL
+               AND (last_resort_not_after IS NULL OR last_resort_not_after > $2))";
+
+/// Up to `$1` regular packages stored by an earlier version that did not read facts
+/// ([`UnreadRow`]).
+pub const UNREAD_REGULAR: &str = "\
+SELECT id, user_id, data FROM key_packages WHERE cipher_suite IS NULL ORDER BY id LIMIT $1";
+
+/// Up to `$1` last-resort packages stored by an earlier version that did not read facts
+/// ([`UnreadRow`]).
+pub const UNREAD_LAST_RESORT: &str = "\
+SELECT NULL AS id, user_id, last_resort AS data FROM users
+WHERE last_resort IS NOT NULL AND last_resort_cipher_suite IS NULL LIMIT $1";
 
 /// Drops every regular package of the user. $1 user.
 pub const DELETE_REGULAR: &str = "DELETE FROM key_packages WHERE user_id = $1";
@@ -123,6 +154,8 @@ pub const FINGERPRINT: &str =
 pub const PRUNE_BUDGETS: &str = "\
 DELETE FROM consume_budgets WHERE user_id IN
     (SELECT user_id FROM consume_budgets WHERE tat_us <= $1 LIMIT $2)";
+
+pub use super::common_sql::{SET_FACTS, SET_LAST_RESORT_FACTS, STATUS};
 
 /// How SQLite syncs commits to disk (`KPS_SQLITE_SYNCHRONOUS`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -300,6 +333,12 @@ impl KeyPackageStore for SqliteStore {
             .bind(user.as_str())
             .fetch_one(&mut *tx)
             .await?;
+        let expired = sqlx::query(DROP_EXPIRED)
+            .bind(user.as_str())
+            .bind(now_key(now_unix).as_slice())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         let held: Vec<Vec<u8>> = sqlx::query_scalar(HELD_DIGESTS)
             .bind(user.as_str())
             .fetch_all(&mut *tx)
@@ -316,20 +355,28 @@ impl KeyPackageStore for SqliteStore {
                 .await?;
         }
         for package in &plan.regular {
+            let facts = FactColumns::of(package);
             sqlx::query(INSERT_PACKAGE)
                 .bind(user.as_str())
                 .bind(package.digest().as_slice())
                 .bind(package.bytes().as_ref())
                 .bind(fingerprint)
+                .bind(facts.cipher_suite)
+                .bind(facts.not_after.map(Vec::from))
+                .bind(facts.key_package_ref)
                 .execute(&mut *tx)
                 .await?;
         }
         if let Some(package) = plan.last_resort {
+            let facts = FactColumns::of(package);
             sqlx::query(REPLACE_LAST_RESORT)
                 .bind(user.as_str())
                 .bind(package.bytes().as_ref())
                 .bind(package.digest().as_slice())
                 .bind(fingerprint)
+                .bind(facts.cipher_suite)
+                .bind(facts.not_after.map(Vec::from))
+                .bind(facts.key_package_ref)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -340,24 +387,28 @@ impl KeyPackageStore for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let status = status_in(&mut tx, user).await?;
+        let status = status_in(&mut tx, user, now_unix).await?;
         tx.commit().await?;
         Ok(UploadOutcome {
             stored: plan.stored(),
+            expired_removed: expired,
             status,
         })
     }
 
-    async fn consume(
-        &self,
-        target: &UserId,
-        budget: Budget,
-        now_us: Option<i64>,
-    ) -> Result<ConsumeOutcome, StoreError> {
+    async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
+        let (target, budget) = (claim.target, claim.budget);
+        let suites = (!claim.suites.is_empty())
+            .then(|| serde_json::to_string(claim.suites).expect("a list of numbers"));
         let mut tx = self.begin_write().await?;
         // Read under the write lock, so requests that waited for it are judged by when they
         // got it, in the order they got it.
-        let now_us = now_us.unwrap_or_else(clock::unix_micros);
+        let now_us = claim.now_us.unwrap_or_else(clock::unix_micros);
+        let now = now_key(now_us.div_euclid(1_000_000));
+        let refused = |retry_after| Consumption {
+            outcome: ConsumeOutcome::RateLimited { retry_after },
+            expired_removed: 0,
+        };
         let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
             .bind(target.as_str())
             .fetch_optional(&mut *tx)
@@ -374,7 +425,7 @@ impl KeyPackageStore for SqliteStore {
                         .await?;
                     tx.commit().await?;
                 }
-                return Ok(ConsumeOutcome::RateLimited { retry_after });
+                return Ok(refused(retry_after));
             }
         };
         sqlx::query(CHARGE_BUDGET)
@@ -382,26 +433,81 @@ impl KeyPackageStore for SqliteStore {
             .bind(new_tat)
             .execute(&mut *tx)
             .await?;
+        let expired_removed = sqlx::query(DROP_EXPIRED)
+            .bind(target.as_str())
+            .bind(now.as_slice())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         let mut package: Option<ConsumedRow> = sqlx::query_as(TAKE_OLDEST)
             .bind(target.as_str())
+            .bind(suites.as_deref())
             .fetch_optional(&mut *tx)
             .await?;
         if package.is_none() {
             package = sqlx::query_as(HAND_OUT_LAST_RESORT)
                 .bind(target.as_str())
+                .bind(suites.as_deref())
+                .bind(now.as_slice())
                 .fetch_optional(&mut *tx)
                 .await?;
         }
-        tx.commit().await?;
-        Ok(match package {
+        let outcome = match package {
             Some(package) => ConsumeOutcome::Consumed(package.into()),
-            None => ConsumeOutcome::Empty,
+            None => {
+                let servable: bool = sqlx::query_scalar(SERVABLE)
+                    .bind(target.as_str())
+                    .bind(now.as_slice())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if servable {
+                    ConsumeOutcome::Incompatible
+                } else {
+                    ConsumeOutcome::Empty
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(Consumption {
+            outcome,
+            expired_removed,
         })
     }
 
-    async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
+    async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {
         let mut conn = Self::acquire(&self.reader).await?;
-        status_in(&mut conn, user).await
+        status_in(&mut conn, user, now_unix).await
+    }
+
+    async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut unread: Vec<UnreadRow> = sqlx::query_as(UNREAD_REGULAR)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        let room = u64::from(limit).saturating_sub(unread.len() as u64);
+        if room > 0 {
+            let last_resort: Vec<UnreadRow> = sqlx::query_as(UNREAD_LAST_RESORT)
+                .bind(room as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+            unread.extend(last_resort);
+        }
+        for row in &unread {
+            let facts = FactColumns::read(&row.data);
+            let query = match row.id {
+                Some(id) => sqlx::query(SET_FACTS).bind(id),
+                None => sqlx::query(SET_LAST_RESORT_FACTS).bind(row.user_id.as_str()),
+            };
+            query
+                .bind(facts.cipher_suite)
+                .bind(facts.not_after.map(Vec::from))
+                .bind(facts.key_package_ref)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(unread.len() as u64)
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
@@ -441,12 +547,17 @@ impl KeyPackageStore for SqliteStore {
     }
 }
 
-async fn status_in(conn: &mut sqlx::SqliteConnection, user: &UserId) -> Result<Status, StoreError> {
-    let row: Option<StatusRow> = sqlx::query_as(STATUS)
+async fn status_in(
+    conn: &mut sqlx::SqliteConnection,
+    user: &UserId,
+    now_unix: i64,
+) -> Result<Status, StoreError> {
+    let rows: Vec<StatusRow> = sqlx::query_as(STATUS)
         .bind(user.as_str())
-        .fetch_optional(&mut *conn)
+        .bind(now_key(now_unix).as_slice())
+        .fetch_all(&mut *conn)
         .await?;
-    Ok(row.map(Status::from).unwrap_or_default())
+    Ok(build_status(rows, now_unix))
 }
 
 #[cfg(test)]

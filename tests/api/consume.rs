@@ -376,14 +376,12 @@ async fn the_shared_budget_refills_one_request_per_interval() {
     let budget = Budget::per_minute(10);
     let six_seconds_ago = Some(keypackage_server::clock::unix_micros() - 6_000_000);
     for _ in 0..10 {
-        let outcome = other_process
-            .consume(&bob, budget, six_seconds_ago)
+        let outcome = consume_at(&*other_process, &bob, budget, six_seconds_ago)
             .await
             .unwrap();
         assert_eq!(outcome, ConsumeOutcome::Empty);
     }
-    let refused = other_process
-        .consume(&bob, budget, six_seconds_ago)
+    let refused = consume_at(&*other_process, &bob, budget, six_seconds_ago)
         .await
         .unwrap();
     assert!(

@@ -7,8 +7,10 @@ mod harness;
 
 mod attack;
 mod auth;
+mod backfill;
 mod cold_start;
 mod consume;
+mod consume_v11;
 mod crash;
 mod edges;
 mod faults;

@@ -1,19 +1,29 @@
-//! Model-based property tests: random sequences of uploads (valid and invalid, with duplicates
-//! and last-resort entries), consumptions, deletes and reads for a few users, applied both to the
-//! store under test and to a plain in-memory model of the contract. Every observable result must
-//! match. Runs on the backend the suite targets (SQLite, or Postgres with TEST_DATABASE_URL).
+//! Model-based property tests: random sequences of uploads (valid and invalid, with duplicates,
+//! last-resort entries, readable packages of several suites and lifetimes, opaque ones),
+//! consumptions with and without suite filters, deletes and reads for a few users, on a clock
+//! that moves so packages expire, applied both to the store under test and to a plain in-memory
+//! model of the contract. Every observable result must match. Runs on the backend the suite
+//! targets (SQLite, or Postgres with TEST_DATABASE_URL).
 
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use keypackage_server::{
-    key_package::{UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
+    key_package::{Fingerprint, UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
+    mls_codec,
     rate_limit::Budget,
-    store::{ConsumeOutcome, KeyPackageStore, Upload},
+    store::{Claim, ConsumeOutcome, KeyPackageStore, Status, Upload},
 };
 use proptest::{prelude::*, test_runner::TestRunner};
+use sha2::{Digest, Sha256};
 
 use crate::harness::TestDb;
+
+/// The signature key of every readable package.
+const KEY: &[u8] = &[7; 32];
+
+/// The clock at step 0 (Unix seconds); each step is one second later.
+const T0: i64 = 1_700_000_000;
 
 /// One entry of a generated upload.
 #[derive(Clone, Debug)]
@@ -23,6 +33,25 @@ struct Entry {
     last_resort: bool,
     /// When false the entry has a broken header, which must reject the whole upload.
     valid: bool,
+    /// A readable package (suite and lifetime follow from the tag) rather than opaque bytes.
+    readable: bool,
+}
+
+impl Entry {
+    /// The suite of a readable entry: 1, 2 or 3.
+    fn suite(&self) -> u16 {
+        1 + u16::from(self.tag % 3)
+    }
+
+    /// The `not_after` of a readable entry: 10 to 50 seconds after step 0.
+    fn not_after(&self) -> u64 {
+        (T0 + 10 * (1 + i64::from(self.tag % 5))) as u64
+    }
+
+    /// Suite and `not_after`, for a readable entry.
+    fn facts(&self) -> Option<(u16, u64)> {
+        (self.valid && self.readable).then(|| (self.suite(), self.not_after()))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -33,7 +62,8 @@ enum Op {
         /// 0 = no fingerprint, 1..=2 = one of two valid ones, 3 = an invalid one.
         fingerprint: u8,
     },
-    Consume(usize),
+    /// A consumption accepting these suites (empty: any).
+    Consume(usize, Vec<u16>),
     Delete(usize),
     Status(usize),
     Fingerprint(usize),
@@ -44,12 +74,23 @@ fn entry() -> impl Strategy<Value = Entry> {
         0u8..8,
         prop::bool::weighted(0.15),
         prop::bool::weighted(0.97),
+        prop::bool::weighted(0.6),
     )
-        .prop_map(|(tag, last_resort, valid)| Entry {
+        .prop_map(|(tag, last_resort, valid, readable)| Entry {
             tag,
             last_resort,
             valid,
+            readable,
         })
+}
+
+fn suites() -> impl Strategy<Value = Vec<u16>> {
+    prop_oneof![
+        3 => Just(vec![]),
+        1 => Just(vec![1]),
+        1 => Just(vec![2, 3]),
+        1 => Just(vec![4]),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -57,7 +98,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0usize..3, prop::collection::vec(entry(), 0..14), 0u8..4).prop_map(
             |(user, entries, fingerprint)| Op::Upload { user, entries, fingerprint }
         ),
-        4 => (0usize..3).prop_map(Op::Consume),
+        4 => (0usize..3, suites()).prop_map(|(user, suites)| Op::Consume(user, suites)),
         1 => (0usize..3).prop_map(Op::Delete),
         1 => (0usize..3).prop_map(Op::Status),
         1 => (0usize..3).prop_map(Op::Fingerprint),
@@ -65,6 +106,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn bytes_of(e: &Entry) -> Vec<u8> {
+    if let Some((suite, not_after)) = e.facts() {
+        return mls_codec::sample_key_package_of_suite(suite, &[b'r', e.tag], KEY, 0, not_after);
+    }
     let mut v = if e.valid {
         vec![0, 1, 0, 5]
     } else {
@@ -79,17 +123,31 @@ fn bytes_of(e: &Entry) -> Vec<u8> {
 fn fingerprint_of(choice: u8) -> String {
     match choice {
         0 => String::new(),
-        1 => "1".repeat(64),
+        1 => Fingerprint::of_public_key(KEY).as_str().to_owned(),
         2 => "2".repeat(64),
         _ => "NOT-HEX".into(),
     }
 }
 
+/// A held package: bytes, the fingerprint recorded with it, and its suite and `not_after` if
+/// readable.
+type Held = (Vec<u8>, String, Option<(u16, u64)>);
+
+/// Whether a held package is servable at `now`.
+fn servable(held: &Held, now: i64) -> bool {
+    held.2.is_none_or(|(_, not_after)| not_after > now as u64)
+}
+
+/// Whether a held package qualifies for a claim accepting `suites` (empty: any).
+fn qualifies(held: &Held, suites: &[u16]) -> bool {
+    suites.is_empty() || held.2.is_some_and(|(suite, _)| suites.contains(&suite))
+}
+
 /// The contract, written as plainly as possible.
 #[derive(Default, Debug)]
 struct UserModel {
-    regular: VecDeque<(Vec<u8>, String)>,
-    last_resort: Option<(Vec<u8>, String)>,
+    regular: VecDeque<Held>,
+    last_resort: Option<Held>,
     handouts: u64,
     fingerprint: Option<(String, i64)>,
 }
@@ -102,13 +160,19 @@ impl UserModel {
                 && fingerprint
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        let readable = || entries.iter().filter_map(Entry::facts);
         if entries.is_empty()
             || entries.iter().any(|e| !e.valid)
             || entries.iter().filter(|e| e.last_resort).count() > 1
             || !valid_fp
+            || readable().any(|(_, not_after)| not_after <= now as u64)
+            || (!fingerprint.is_empty()
+                && readable().next().is_some()
+                && fingerprint != Fingerprint::of_public_key(KEY).as_str())
         {
             return Err(());
         }
+        self.regular.retain(|held| servable(held, now));
         if !fingerprint.is_empty()
             && self.fingerprint.as_ref().map(|(f, _)| f.as_str()) != Some(fingerprint)
         {
@@ -117,8 +181,8 @@ impl UserModel {
         let held_before: Vec<Vec<u8>> = self
             .regular
             .iter()
-            .map(|(b, _)| b.clone())
-            .chain(self.last_resort.iter().map(|(b, _)| b.clone()))
+            .chain(self.last_resort.iter())
+            .map(|(b, _, _)| b.clone())
             .collect();
         let mut seen_in_request: Vec<Vec<u8>> = Vec::new();
         for e in entries {
@@ -128,11 +192,12 @@ impl UserModel {
             if duplicate {
                 continue;
             }
+            let held = (bytes, fingerprint.to_owned(), e.facts());
             if e.last_resort {
-                self.last_resort = Some((bytes, fingerprint.to_owned()));
+                self.last_resort = Some(held);
                 self.handouts = 0;
             } else {
-                self.regular.push_back((bytes, fingerprint.to_owned()));
+                self.regular.push_back(held);
             }
         }
         while self.regular.len() > MAX_REGULAR_PACKAGES {
@@ -141,22 +206,58 @@ impl UserModel {
         Ok(())
     }
 
-    fn consume(&mut self) -> Option<(Vec<u8>, bool, String)> {
-        if let Some((bytes, fp)) = self.regular.pop_front() {
-            return Some((bytes, false, fp));
+    /// A consumption at `now`: the package and whether it is the last-resort one, or the
+    /// outcome without a package (`Empty` or `Incompatible`).
+    fn consume(&mut self, suites: &[u16], now: i64) -> Result<(Held, bool), ConsumeOutcome> {
+        self.regular.retain(|held| servable(held, now));
+        if let Some(i) = self.regular.iter().position(|h| qualifies(h, suites)) {
+            return Ok((self.regular.remove(i).expect("present"), false));
         }
-        let (bytes, fp) = self.last_resort.clone()?;
-        self.handouts += 1;
-        Some((bytes, true, fp))
+        let last_resort = self.last_resort.clone().filter(|h| servable(h, now));
+        match last_resort {
+            Some(held) if qualifies(&held, suites) => {
+                self.handouts += 1;
+                Ok((held, true))
+            }
+            Some(_) => Err(ConsumeOutcome::Incompatible),
+            None if !self.regular.is_empty() => Err(ConsumeOutcome::Incompatible),
+            None => Err(ConsumeOutcome::Empty),
+        }
     }
 
-    fn status(&self) -> (u32, bool, String, u64) {
-        (
-            self.regular.len() as u32,
-            self.last_resort.is_some(),
-            self.fingerprint.clone().map(|(f, _)| f).unwrap_or_default(),
-            self.handouts,
-        )
+    fn status(&self, now: i64) -> Status {
+        let regular: Vec<&Held> = self.regular.iter().filter(|h| servable(h, now)).collect();
+        let last_resort = self.last_resort.as_ref().filter(|h| servable(h, now));
+        let mut suites = std::collections::BTreeMap::<u16, u32>::new();
+        for held in &regular {
+            *suites.entry(held.2.map_or(0, |(s, _)| s)).or_default() += 1;
+        }
+        let inventory_digest = if regular.is_empty() && last_resort.is_none() {
+            Vec::new()
+        } else {
+            let mut outer = Sha256::new();
+            for held in regular.iter().copied().chain(last_resort) {
+                outer.update(Sha256::digest(&held.0));
+            }
+            outer.finalize().to_vec()
+        };
+        Status {
+            regular_count: regular.len() as u32,
+            has_last_resort: last_resort.is_some(),
+            fingerprint: self
+                .fingerprint
+                .as_ref()
+                .map(|(f, _)| Fingerprint::parse(f).expect("valid")),
+            last_resort_handouts: self.handouts,
+            cipher_suites: suites.into_iter().collect(),
+            next_expiry: regular
+                .iter()
+                .filter_map(|h| h.2.map(|(_, t)| t))
+                .min()
+                .unwrap_or(0),
+            last_resort_not_after: last_resort.and_then(|h| h.2).map_or(0, |(_, t)| t),
+            inventory_digest,
+        }
     }
 }
 
@@ -167,7 +268,7 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
     let mut model: HashMap<usize, UserModel> = HashMap::new();
     let budget = Budget::per_minute(1_000_000);
     for (step, op) in ops.into_iter().enumerate() {
-        let now = 1_000 + step as i64;
+        let now = T0 + step as i64;
         match op {
             Op::Upload {
                 user,
@@ -180,7 +281,7 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
                         .iter()
                         .map(|e| (Bytes::from(bytes_of(e)), e.last_resort)),
                     &fp,
-                    0,
+                    now as u64,
                     UploadPolicy::default(),
                 );
                 let expected = model.entry(user).or_default().upload(&entries, &fp, now);
@@ -198,27 +299,29 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
                             .upload(&users[user], &upload, now)
                             .await
                             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                        let s = outcome.status;
-                        let got = (
-                            s.regular_count,
-                            s.has_last_resort,
-                            s.fingerprint
-                                .map(|f| f.as_str().to_owned())
-                                .unwrap_or_default(),
-                            s.last_resort_handouts,
+                        prop_assert_eq!(
+                            outcome.status,
+                            model[&user].status(now),
+                            "step {}: upload status",
+                            step
                         );
-                        prop_assert_eq!(got, model[&user].status(), "step {}: upload status", step);
                     }
                 }
             }
-            Op::Consume(user) => {
+            Op::Consume(user, suites) => {
+                let claim = Claim {
+                    suites: &suites,
+                    now_us: Some(now * 1_000_000),
+                    ..Claim::new(&users[user], budget)
+                };
                 let got = store
-                    .consume(&users[user], budget, Some(now * 1_000_000))
+                    .consume(&claim)
                     .await
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let expected = model.entry(user).or_default().consume();
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
+                    .outcome;
+                let expected = model.entry(user).or_default().consume(&suites, now);
                 match (got, expected) {
-                    (ConsumeOutcome::Consumed(c), Some((bytes, last_resort, fp))) => {
+                    (ConsumeOutcome::Consumed(c), Ok(((bytes, fp, facts), last_resort))) => {
                         prop_assert_eq!(c.key_package.to_vec(), bytes, "step {}: bytes", step);
                         prop_assert_eq!(c.is_last_resort, last_resort, "step {}: flag", step);
                         let got_fp = c
@@ -226,8 +329,10 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
                             .map(|f| f.as_str().to_owned())
                             .unwrap_or_default();
                         prop_assert_eq!(got_fp, fp, "step {}: package fingerprint", step);
+                        let got_facts = c.facts.map(|f| (f.cipher_suite, f.not_after));
+                        prop_assert_eq!(got_facts, facts, "step {}: facts", step);
                     }
-                    (ConsumeOutcome::Empty, None) => {}
+                    (got, Err(expected)) if got == expected => {}
                     (got, expected) => {
                         return Err(TestCaseError::fail(format!(
                             "step {step}: store gave {got:?}, model {expected:?}"
@@ -246,21 +351,13 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
                 m.handouts = 0;
             }
             Op::Status(user) => {
-                let s = store
-                    .status(&users[user])
+                let got = store
+                    .status(&users[user], now)
                     .await
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let got = (
-                    s.regular_count,
-                    s.has_last_resort,
-                    s.fingerprint
-                        .map(|f| f.as_str().to_owned())
-                        .unwrap_or_default(),
-                    s.last_resort_handouts,
-                );
                 prop_assert_eq!(
                     got,
-                    model.entry(user).or_default().status(),
+                    model.entry(user).or_default().status(now),
                     "step {}: status",
                     step
                 );
@@ -334,6 +431,7 @@ fn regression_cases() -> Vec<Vec<Op>> {
         tag,
         last_resort,
         valid: true,
+        readable: false,
     };
     vec![
         // A last-resort entry identical to a held regular package is skipped.
@@ -349,8 +447,8 @@ fn regression_cases() -> Vec<Vec<Op>> {
                 fingerprint: 1,
             },
             Op::Status(0),
-            Op::Consume(0),
-            Op::Consume(0),
+            Op::Consume(0, vec![]),
+            Op::Consume(0, vec![]),
         ],
         // Twelve distinct entries in one upload keep only the newest ten.
         vec![
@@ -364,7 +462,7 @@ fn regression_cases() -> Vec<Vec<Op>> {
                 entries: vec![e(0, false), e(9, false), e(10, false), e(11, false)],
                 fingerprint: 0,
             },
-            Op::Consume(1),
+            Op::Consume(1, vec![]),
             Op::Status(1),
             Op::Fingerprint(1),
         ],

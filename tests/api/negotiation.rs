@@ -348,11 +348,17 @@ async fn a_hand_encoded_protobuf_upload_uses_the_contract_field_numbers() {
     app.consume("alice", "bob").await;
 
     // KeyPackageStatus { regular_count = 1; has_last_resort = 2; signing_key_fingerprint = 3;
-    // last_resort_handouts = 4 }: here 0 (omitted), true, "fff…", 1.
+    // last_resort_handouts = 4; …; inventory_digest = 8 }: here 0 (omitted), true, "fff…", 1,
+    // SHA-256 of SHA-256 of the last-resort package (no regular package left, no suites, and
+    // the opaque packages have no expiry).
     let response = get_accepting(&app, "/api/v1/key-packages", "bob", None).await;
     let mut expected = vec![0x10, 0x01, 0x1a, 64];
     expected.extend_from_slice(fingerprint('f').as_bytes());
-    expected.extend_from_slice(&[0x20, 0x01]);
+    expected.extend_from_slice(&[0x20, 0x01, 0x42, 32]);
+    {
+        use sha2::{Digest, Sha256};
+        expected.extend_from_slice(&Sha256::digest(Sha256::digest(kp("lr"))));
+    }
     assert_eq!(response.bytes().await.unwrap().to_vec(), expected);
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use keypackage_server::{
     key_package::{Fingerprint, UserId},
     rate_limit::Budget,
-    store::{ConsumeOutcome, KeyPackageStore, Status, StoreError, Upload, UploadOutcome},
+    store::{Claim, Consumption, KeyPackageStore, Status, StoreError, Upload, UploadOutcome},
 };
 
 use crate::harness::*;
@@ -183,18 +183,17 @@ impl KeyPackageStore for Switchable {
         self.check()?;
         self.inner.upload(user, upload, now).await
     }
-    async fn consume(
-        &self,
-        target: &UserId,
-        budget: Budget,
-        now_us: Option<i64>,
-    ) -> Result<ConsumeOutcome, StoreError> {
+    async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
         self.check()?;
-        self.inner.consume(target, budget, now_us).await
+        self.inner.consume(claim).await
     }
-    async fn status(&self, user: &UserId) -> Result<Status, StoreError> {
+    async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {
         self.check()?;
-        self.inner.status(user).await
+        self.inner.status(user, now_unix).await
+    }
+    async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.read_stored_facts(limit).await
     }
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
         self.check()?;

@@ -11,7 +11,7 @@ use keypackage_server::{
 };
 use tokio::sync::Barrier;
 
-use crate::harness::{kp, TestDb};
+use crate::harness::{consume_at, kp, TestDb};
 
 /// Every conformance case on a fresh SQLite file, whatever backend the run targets.
 mod sqlite {
@@ -73,7 +73,7 @@ async fn consume_concurrently(
             let (start, target) = (start.clone(), user(target));
             tokio::spawn(async move {
                 start.wait().await;
-                store.consume(&target, PLENTY, Some(NOW_US)).await
+                consume_at(&*store, &target, PLENTY, Some(NOW_US)).await
             })
         })
         .collect();
@@ -124,7 +124,10 @@ async fn fifty_concurrent_consumptions_hand_out_each_regular_package_exactly_onc
     expected.sort();
     assert_eq!(regular, expected, "each regular package exactly once");
     assert_eq!(last_resort, 40);
-    let status = store.status(&user("bob")).await.expect("status");
+    let status = store
+        .status(&user("bob"), keypackage_server::clock::unix_seconds())
+        .await
+        .expect("status");
     assert_eq!((status.regular_count, status.last_resort_handouts), (0, 40));
     assert!(status.has_last_resort);
 }
@@ -157,7 +160,7 @@ async fn concurrent_uploads_by_one_user_keep_at_most_ten_whole_uploads_in_order(
     }
     assert_eq!(
         store
-            .status(&user("bob"))
+            .status(&user("bob"), keypackage_server::clock::unix_seconds())
             .await
             .expect("status")
             .regular_count as usize,
@@ -166,8 +169,7 @@ async fn concurrent_uploads_by_one_user_keep_at_most_ten_whole_uploads_in_order(
 
     let mut held = Vec::new();
     loop {
-        match store
-            .consume(&user("bob"), PLENTY, Some(NOW_US))
+        match consume_at(&*store, &user("bob"), PLENTY, Some(NOW_US))
             .await
             .expect("consume")
         {
@@ -327,7 +329,7 @@ async fn a_full_budget_lets_every_one_of_as_many_concurrent_requests_through() {
                 let (store, start, target) = (store.clone(), start.clone(), user(&target));
                 tokio::spawn(async move {
                     start.wait().await;
-                    store.consume(&target, budget, None).await
+                    consume_at(&*store, &target, budget, None).await
                 })
             })
             .collect();
@@ -340,7 +342,9 @@ async fn a_full_budget_lets_every_one_of_as_many_concurrent_requests_through() {
             );
         }
         assert!(matches!(
-            store.consume(&user(&target), budget, None).await.unwrap(),
+            consume_at(&*store, &user(&target), budget, None)
+                .await
+                .unwrap(),
             ConsumeOutcome::RateLimited { .. }
         ));
     }
@@ -352,8 +356,7 @@ async fn budget_pruning_works_in_bounded_batches() {
     let db = TestDb::new().await;
     let store = db.store().await;
     for i in 0..25 {
-        store
-            .consume(&user(&format!("t{i}")), PLENTY, Some(NOW_US))
+        consume_at(&*store, &user(&format!("t{i}")), PLENTY, Some(NOW_US))
             .await
             .unwrap();
     }
@@ -374,10 +377,11 @@ async fn pruning_by_the_database_clock_keeps_live_budgets() {
     let db = TestDb::new().await;
     let store = db.store().await;
     let budget = Budget::per_minute(10);
-    store.consume(&user("live"), budget, None).await.unwrap();
+    consume_at(&*store, &user("live"), budget, None)
+        .await
+        .unwrap();
     let an_hour_ago = keypackage_server::clock::unix_micros() - 3_600_000_000;
-    store
-        .consume(&user("old"), budget, Some(an_hour_ago))
+    consume_at(&*store, &user("old"), budget, Some(an_hour_ago))
         .await
         .unwrap();
     assert_eq!(store.prune_budgets(None, 100).await.unwrap(), 1);
@@ -404,7 +408,7 @@ async fn consume_blocked_on_a_lock(
     use sqlx::Connection;
     let consumer = {
         let store = store.clone();
-        tokio::spawn(async move { store.consume(&user("bob"), PLENTY, None).await })
+        tokio::spawn(async move { consume_at(&*store, &user("bob"), PLENTY, None).await })
     };
     let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
     let name = crate::pg_admin::db_name(db);
@@ -423,7 +427,9 @@ async fn a_consume_that_waited_for_the_budget_lock_sees_packages_committed_meanw
         .await
         .unwrap();
     // Give bob a budget row, then hold its lock as a concurrent consumption would.
-    store.consume(&user("bob"), PLENTY, None).await.unwrap();
+    consume_at(&*store, &user("bob"), PLENTY, None)
+        .await
+        .unwrap();
     let mut holder = open_transaction(&db).await;
     sqlx::query("SELECT 1 FROM consume_budgets WHERE user_id = 'bob' FOR UPDATE")
         .execute(&mut holder)
@@ -445,7 +451,7 @@ async fn a_consume_that_waited_for_the_budget_lock_sees_packages_committed_meanw
     // Only the first consumption above, which created the budget row, took the last resort.
     assert_eq!(
         store
-            .status(&user("bob"))
+            .status(&user("bob"), keypackage_server::clock::unix_seconds())
             .await
             .unwrap()
             .last_resort_handouts,

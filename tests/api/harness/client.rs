@@ -99,6 +99,24 @@ impl ApiClient {
             .expect("request")
     }
 
+    /// GETs `/api/v1/key-packages/{target}?{query}` as `caller`, asking for JSON if `json`.
+    pub(crate) async fn consume_query(
+        &self,
+        caller: &str,
+        target: &str,
+        query: &str,
+        json: bool,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .get(self.url(&format!("/api/v1/key-packages/{target}?{query}")))
+            .bearer_auth(token(caller));
+        if json {
+            request = request.header("accept", "application/json");
+        }
+        request.send().await.expect("request")
+    }
+
     /// Consumes one of `target`'s packages as `caller`, expecting 200.
     pub(crate) async fn consume(&self, caller: &str, target: &str) -> KeyPackageResponse {
         let response = self.consume_raw(caller, target).await;

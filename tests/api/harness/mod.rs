@@ -40,3 +40,21 @@ macro_rules! postgres_only {
         $crate::harness::postgres_db(&$name).await
     };
 }
+
+/// One consumption of any package of `target` by the clock `now_us` (`None`: the database's),
+/// as the v1 tests ask for it.
+pub(crate) async fn consume_at(
+    store: &dyn keypackage_server::store::KeyPackageStore,
+    target: &keypackage_server::key_package::UserId,
+    budget: keypackage_server::rate_limit::Budget,
+    now_us: Option<i64>,
+) -> Result<keypackage_server::store::ConsumeOutcome, keypackage_server::store::StoreError> {
+    use keypackage_server::store::Claim;
+    store
+        .consume(&Claim {
+            now_us,
+            ..Claim::new(target, budget)
+        })
+        .await
+        .map(|c| c.outcome)
+}

@@ -98,6 +98,26 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// [`readable_kp`] of cipher suite `suite`.
+pub(crate) fn readable_kp_of_suite(
+    suite: u16,
+    tag: &str,
+    signature_key: &[u8],
+    not_after: u64,
+) -> Vec<u8> {
+    let out = keypackage_server::mls_codec::sample_key_package_of_suite(
+        suite,
+        tag.as_bytes(),
+        signature_key,
+        0,
+        not_after,
+    );
+    let facts =
+        keypackage_server::mls_codec::read(&out).expect("the helper builds readable packages");
+    assert_eq!((facts.cipher_suite, facts.not_after), (suite, not_after));
+    out
+}
+
 /// A minimal readable RFC 9420 KeyPackage (suite 1, basic credential) signed by
 /// `signature_key`, with `tag` (under 64 bytes) as its init key so that packages differ.
 pub(crate) fn readable_kp(
@@ -116,4 +136,16 @@ pub(crate) fn readable_kp(
         keypackage_server::mls_codec::read(&out).expect("the helper builds readable packages");
     assert_eq!((facts.not_before, facts.not_after), (not_before, not_after));
     out
+}
+
+/// The v1 fields of a status: counts, fingerprint and last-resort hand-outs.
+pub(crate) fn v1_status(
+    status: &keypackage_server::wire::KeyPackageStatus,
+) -> (u32, bool, String, u64) {
+    (
+        status.regular_count,
+        status.has_last_resort,
+        status.signing_key_fingerprint.clone(),
+        status.last_resort_handouts,
+    )
 }
