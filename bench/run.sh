@@ -4,6 +4,8 @@
 #   bench/run.sh [sqlite|postgres|both]     scenarios at each concurrency + ceilings + ratios
 #   bench/run.sh growth [sqlite|postgres]   consume p50/p99 with 10k, 100k, 1M users x 10 packages,
 #                                           then server RSS while 1M distinct targets are requested
+#   bench/run.sh compare [sqlite|postgres]  consume and upload of openmls packages, the build of
+#                                           BASELINE (a git revision) beside this one, alternately
 #
 # Everything runs on this machine: the server, the database and the load generator share the
 # cores. Every load loop is bounded in time and count and targets 127.0.0.1 only.
@@ -17,6 +19,7 @@
 #   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
 #   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
 #   OUT=/tmp/kps-bench-<time>             where logs and results go
+#   BASELINE=<rev> ROUNDS=2 COMPARE_SCENARIOS="consume upload"   for compare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -241,13 +244,69 @@ growth() { # backend
   done
 }
 
+# Builds BASELINE in a worktree (sharing this target directory, so only the crate itself is
+# rebuilt) and keeps its server binary as target/baseline/keypackage-server.
+build_baseline() {
+  local rev=${BASELINE:?set BASELINE to the git revision to compare with}
+  local src="$OUT/baseline-src"
+  git worktree add --detach "$src" "$rev" >/dev/null 2>&1
+  (cd "$src" && cargo build --release -p keypackage-server --target-dir "$OLDPWD/target" >&2)
+  mkdir -p target/baseline
+  cp target/release/keypackage-server target/baseline/keypackage-server
+  git worktree remove --force "$src"
+  # The worktree build overwrote this build's binary: rebuild it (only the crate recompiles).
+  cargo build --release -p keypackage-server >&2
+  log "# baseline $(git rev-parse --short "$rev") against $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes')"
+}
+
+compare() { # backend
+  local backend=$1 rounds=${ROUNDS:-2} current=$SERVER
+  local scenarios=${COMPARE_SCENARIOS:-consume upload}
+  build_baseline
+  local conns
+  for round in $(seq 1 "$rounds"); do
+    for build in baseline current; do
+      SERVER=$current
+      [[ "$build" == baseline ]] && SERVER=target/baseline/keypackage-server
+      fresh_db "$backend"
+      start_server
+      "$BENCH" --package-kind openmls seed --url "$URL" --users "$USERS" --connections 16 \
+        2>&1 | tail -n1 | tee -a "$RESULTS"
+      for conns in $CONNS; do
+        for scenario in $scenarios; do
+          "$BENCH" --package-kind openmls run "$scenario" --url "$URL" -c "$conns" -d "$DURATION" \
+            --warmup "$WARMUP" --users "$USERS" --writers "$WRITERS" --label "$build-$round" \
+            --server-pid "$SERVER_PID" | tee -a "$RESULTS"
+        done
+      done
+      stop_server
+    done
+  done
+  SERVER=$current
+  log ""
+  log "## $backend: this build over the baseline (openmls packages), ops/s summed over rounds"
+  for conns in $CONNS; do
+    for scenario in $scenarios; do
+      local base=0 cur=0 v
+      for round in $(seq 1 "$rounds"); do
+        v=$(grep "^RESULT label=baseline-$round scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+        base=$(awk -v a="$base" -v b="${v:-0}" 'BEGIN{print a+b}')
+        v=$(grep "^RESULT label=current-$round scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+        cur=$(awk -v a="$cur" -v b="${v:-0}" 'BEGIN{print a+b}')
+      done
+      log "RATIO compare $backend $scenario c=$conns baseline=$(awk -v a="$base" -v r="$rounds" 'BEGIN{printf "%.1f", a/r}') current=$(awk -v a="$cur" -v r="$rounds" 'BEGIN{printf "%.1f", a/r}') current/baseline=$(ratio "$cur" "$base")"
+    done
+  done
+}
+
 build
 machine
 case "$MODE" in
   sqlite | postgres) scenarios "$MODE" ;;
   both) scenarios sqlite && scenarios postgres ;;
   growth) growth "${2:-sqlite}" ;;
-  *) echo "usage: bench/run.sh [sqlite|postgres|both] | growth [sqlite|postgres]" >&2; exit 2 ;;
+  compare) compare "${2:-sqlite}" ;;
+  *) echo "usage: bench/run.sh [sqlite|postgres|both] | growth [sqlite|postgres] | compare [sqlite|postgres]" >&2; exit 2 ;;
 esac
 log "# load at the end: $(uptime | sed 's/.*load average/load average/')"
 log "# results: $RESULTS"

@@ -29,6 +29,9 @@ struct Cli {
     /// Runtime worker threads of the load generator.
     #[arg(long, default_value_t = 2, global = true)]
     threads: usize,
+    /// What the key packages seeded and uploaded are.
+    #[arg(long, value_enum, default_value_t, global = true)]
+    package_kind: workload::Packages,
     #[command(subcommand)]
     command: Command,
 }
@@ -211,6 +214,7 @@ use driver::Plan;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    workload::use_packages(cli.package_kind);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads.max(1))
         .enable_all()

@@ -7,9 +7,7 @@ use anyhow::{ensure, Result};
 use keypackage_server::{key_package::MAX_KEY_PACKAGE_LEN, mls_codec};
 use sha2::{Digest, Sha256};
 
-/// A key package made once by openmls 0.6 (suite 1, basic credential "alice", default
-/// capabilities and lifetime), as an MLSMessage.
-const OPENMLS_KEY_PACKAGE_HEX: &str = include_str!("reader_openmls_key_package.hex");
+use crate::workload::OPENMLS_KEY_PACKAGE_HEX;
 
 /// Times `read` on both packages and prints nanoseconds per read.
 pub(crate) fn run(iterations: u32) -> Result<()> {

@@ -15,15 +15,92 @@ pub(crate) fn user_id(i: u64) -> String {
     format!("u{i}")
 }
 
-/// The signing-key fingerprint the `i`-th user sends (64 lowercase hex characters).
+/// The signing-key fingerprint the `i`-th user sends (64 lowercase hex characters): with
+/// openmls packages, the fingerprint of their signature key (the server checks it).
 pub(crate) fn fingerprint(i: u64) -> String {
-    hex::encode(Sha256::digest(format!("fingerprint:{i}")))
+    match openmls_fixture() {
+        Some(fixture) => fixture.fingerprint.clone(),
+        None => hex::encode(Sha256::digest(format!("fingerprint:{i}"))),
+    }
+}
+
+/// What the load sends as key packages (`--package-kind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Packages {
+    /// The MLS header, a unique label and filler: opaque to the server's reader.
+    #[default]
+    Synthetic,
+    /// Copies of a package made by openmls 0.6 (suite 1, about 300 bytes), each with a unique
+    /// init key and a lifetime from now on: readable, as real clients' packages are.
+    Openmls,
+}
+
+static PACKAGES: std::sync::OnceLock<Packages> = std::sync::OnceLock::new();
+
+/// Chooses the kind of packages for this process; call once, before any package is made.
+pub(crate) fn use_packages(kind: Packages) {
+    let _ = PACKAGES.set(kind);
+}
+
+/// A key package made once by openmls 0.6 (suite 1, basic credential "alice", default
+/// capabilities and lifetime), as an MLSMessage.
+pub(crate) const OPENMLS_KEY_PACKAGE_HEX: &str = include_str!("reader_openmls_key_package.hex");
+
+/// The openmls package, decoded once, when `--package-kind openmls` was chosen.
+struct Fixture {
+    bytes: Vec<u8>,
+    fingerprint: String,
+}
+
+fn openmls_fixture() -> Option<&'static Fixture> {
+    static FIXTURE: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    if PACKAGES.get().copied().unwrap_or_default() != Packages::Openmls {
+        return None;
+    }
+    Some(FIXTURE.get_or_init(|| {
+        let bytes = hex::decode(OPENMLS_KEY_PACKAGE_HEX.trim()).expect("hex fixture");
+        let facts = keypackage_server::mls_codec::read(&bytes).expect("readable fixture");
+        Fixture {
+            fingerprint: facts.signature_key_fingerprint.as_str().to_owned(),
+            bytes,
+        }
+    }))
+}
+
+/// The openmls package with `a` and `b` written into its init key (so it is unique) and a
+/// lifetime of 30 days from now.
+fn openmls_package(fixture: &Fixture, a: u64, b: u64) -> Bytes {
+    use keypackage_server::mls_codec;
+    let view = mls_codec::parse(&fixture.bytes).expect("readable fixture");
+    let mut init_key = view.init_key.to_vec();
+    let unique = [a.to_be_bytes(), b.to_be_bytes()].concat();
+    let n = unique.len().min(init_key.len());
+    init_key[..n].copy_from_slice(&unique[..n]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut leaf_node = view.leaf_node;
+    leaf_node.lifetime = mls_codec::Lifetime {
+        not_before: now.saturating_sub(3_600),
+        not_after: now + 30 * 86_400,
+    };
+    let changed = mls_codec::KeyPackageView {
+        init_key: &init_key,
+        leaf_node,
+        ..view
+    };
+    Bytes::from(mls_codec::encode(&changed))
 }
 
 /// A key package of exactly `size` bytes (at least enough for its label): the MLS 1.0
 /// `mls_key_package` header, a label that makes it unique, then filler.
 pub(crate) fn package(kind: &str, a: u64, b: u64, size: usize) -> Bytes {
     use std::io::Write;
+    if let Some(fixture) = openmls_fixture() {
+        // Seeded, uploaded and last-resort packages must differ from each other too.
+        let salt = kind.bytes().fold(0u64, |h, c| h.wrapping_mul(31).wrapping_add(c.into()));
+        return openmls_package(fixture, a ^ (salt << 40), b);
+    }
     let mut v = Vec::with_capacity(size.max(64));
     v.extend_from_slice(&[0x00, 0x01, 0x00, 0x05]);
     let _ = write!(v, "{kind}:{a}:{b}:");
