@@ -15,6 +15,8 @@
 #   USERS=200000    seeded users         WRITERS=100000 uploaders (pre-signed tokens)
 #   SCENARIOS="healthz consume upload mixed status"
 #   BUDGET=10       KPS_CONSUME_LIMIT_PER_MINUTE of the server and the ceilings
+#   CALLER_BUDGET=0 PAIR_BUDGET=0   the per-caller and per-pair limits (0: off, as v1)
+#   CALLERS=100000  distinct callers of the pgbench ceiling
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres   (a fresh database is created)
 #   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
 #   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
@@ -32,6 +34,9 @@ WRITERS="${WRITERS:-100000}"
 SIZE="${SIZE:-256}"
 SCENARIOS="${SCENARIOS:-healthz consume upload mixed status}"
 BUDGET="${BUDGET:-10}"
+CALLER_BUDGET="${CALLER_BUDGET:-0}"
+PAIR_BUDGET="${PAIR_BUDGET:-0}"
+CALLERS="${CALLERS:-100000}"
 PG_ADMIN_URL="${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 PORT="${PORT:-18087}"
 GROWTH_SIZES="${GROWTH_SIZES:-10000 100000 1000000}"
@@ -69,7 +74,7 @@ machine() {
   log "# $(date -Is) mode=$MODE"
   log "# nproc=$(nproc) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\" mem=$(free -g | awk '/Mem:/{print $2}')GiB"
   log "# load: $(uptime | sed 's/.*load average/load average/')"
-  log "# CONNS=\"$CONNS\" DURATION=$DURATION USERS=$USERS WRITERS=$WRITERS SIZE=$SIZE BUDGET=$BUDGET RUST_LOG=$RUST_LOG"
+  log "# CONNS=\"$CONNS\" DURATION=$DURATION USERS=$USERS WRITERS=$WRITERS SIZE=$SIZE BUDGET=$BUDGET CALLER_BUDGET=$CALLER_BUDGET PAIR_BUDGET=$PAIR_BUDGET RUST_LOG=$RUST_LOG"
 }
 
 # A fresh database for $1 (sqlite|postgres); sets DB_URL.
@@ -90,6 +95,7 @@ fresh_db() {
 start_server() {
   KPS_LISTEN_ADDR="127.0.0.1:$PORT" DATABASE_URL="$DB_URL" KPS_DATA_DIR="$OUT/data" \
     KPS_CONSUME_LIMIT_PER_MINUTE="$BUDGET" \
+    KPS_CONSUME_LIMIT_PER_CALLER_PER_MINUTE="$CALLER_BUDGET" KPS_CONSUME_LIMIT_PER_PAIR_PER_MINUTE="$PAIR_BUDGET" \
     "$SERVER" >>"$OUT/server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 100); do
@@ -132,13 +138,22 @@ pgbench_ceiling() { # scenario conns label
   local scenario=$1 conns=$2 label=$3
   local interval=$((60000000 / BUDGET)) # µs, as the store binds it
   local window=$((interval * BUDGET))
+  # The per-caller stages as the store binds them; 0 turns a stage off.
+  local caller_interval=0 caller_window=0 pair_interval=0 pair_window=0
+  if [[ "$CALLER_BUDGET" -gt 0 ]]; then
+    caller_interval=$((60000000 / CALLER_BUDGET)); caller_window=$((caller_interval * CALLER_BUDGET))
+  fi
+  if [[ "$PAIR_BUDGET" -gt 0 ]]; then
+    pair_interval=$((60000000 / PAIR_BUDGET)); pair_window=$((pair_interval * PAIR_BUDGET))
+  fi
   local dir="$OUT/pgbench-$scenario-$conns"
   rm -rf "$dir" && mkdir -p "$dir"
   local bench_bin
   bench_bin="$(pwd)/$BENCH"
   (cd "$dir" && "$bench_bin" cpu --db-name "$PG_DB" -- pgbench -n -M prepared -c "$conns" -j 2 \
     -T "$DURATION" -l -D users="$USERS" -D writers="$WRITERS" -D interval="$interval" \
-    -D window="$window" -f "$OUT/pgbench/$scenario.sql" "${DB_URL}" >"$dir/out.txt" 2>&1) || {
+    -D window="$window" -D callers="$CALLERS" -D caller_interval="$caller_interval" \
+    -D caller_window="$caller_window" -D pair_interval="$pair_interval" -D pair_window="$pair_window" -f "$OUT/pgbench/$scenario.sql" "${DB_URL}" >"$dir/out.txt" 2>&1) || {
     cat "$dir/out.txt" >&2
     return 1
   }

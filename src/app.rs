@@ -16,7 +16,7 @@ use crate::{
     error::ApiError,
     key_package::UploadPolicy,
     metrics::Metrics,
-    rate_limit::{self, Budget, ConsumeLimiter},
+    rate_limit::{self, Budget, ClaimBudgets, ConsumeLimiter},
     routes,
     store::KeyPackageStore,
 };
@@ -26,6 +26,12 @@ use crate::{
 pub struct Limits {
     /// The per-target consumption budget.
     pub budget: Budget,
+    /// The per-caller consumption budget, over all targets; `None`: off.
+    pub caller_budget: Option<Budget>,
+    /// The per-caller-and-target consumption budget; `None`: off.
+    pub pair_budget: Option<Budget>,
+    /// How long a claim with an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Longest a request may take, body upload included.
@@ -38,12 +44,27 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        let budgets = ClaimBudgets::defaults();
         Self {
-            budget: Budget::per_minute(10),
+            budget: budgets.target,
+            caller_budget: budgets.caller,
+            pair_budget: budgets.pair,
+            idempotency_ttl: Duration::from_secs(600),
             max_body_bytes: 262_144,
             request_timeout: Duration::from_secs(10),
             max_connections: 4096,
             upload: UploadPolicy::default(),
+        }
+    }
+}
+
+impl Limits {
+    /// The three budgets of a claim.
+    pub fn claim_budgets(&self) -> ClaimBudgets {
+        ClaimBudgets {
+            caller: self.caller_budget,
+            pair: self.pair_budget,
+            target: self.budget,
         }
     }
 }
@@ -64,13 +85,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Assembles the state; the limiter follows `limits.budget`.
+    /// Assembles the state; the limiter follows the limits' budgets.
     pub fn new(store: Arc<dyn KeyPackageStore>, auth: Authenticator, limits: Limits) -> Self {
         Self {
             store,
             auth: Arc::new(auth),
             metrics: Arc::new(Metrics::default()),
-            limiter: Arc::new(ConsumeLimiter::new(limits.budget)),
+            limiter: Arc::new(ConsumeLimiter::new(limits.claim_budgets())),
             limits,
         }
     }

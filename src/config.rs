@@ -15,7 +15,7 @@ use crate::{
     app::Limits,
     auth::{Authenticator, VerifyingKey},
     key_package::UploadPolicy,
-    rate_limit::Budget,
+    rate_limit::ClaimBudgets,
     store::{sqlite::Synchronous, Backend, ConnectOptions},
 };
 
@@ -79,6 +79,18 @@ pub struct Config {
     #[arg(long, env = "KPS_CONSUME_LIMIT_PER_MINUTE", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
     pub consume_limit_per_minute: u32,
+    /// Consumption requests any one caller makes per minute, over all targets; 0: no limit.
+    #[arg(long, env = "KPS_CONSUME_LIMIT_PER_CALLER_PER_MINUTE", default_value_t = 600,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000), global = true)]
+    pub consume_limit_per_caller_per_minute: u32,
+    /// Consumption requests one caller makes per minute for one target; 0: no limit.
+    #[arg(long, env = "KPS_CONSUME_LIMIT_PER_PAIR_PER_MINUTE", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000), global = true)]
+    pub consume_limit_per_pair_per_minute: u32,
+    /// How long a claim with an `Idempotency-Key` is remembered for its retries, in seconds.
+    #[arg(long, env = "KPS_IDEMPOTENCY_TTL_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=604_800), global = true)]
+    pub idempotency_ttl_secs: u64,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "KPS_MAX_BODY_BYTES", default_value_t = 262_144,
           value_parser = clap::value_parser!(u64).range(16..=67_108_864), global = true)]
@@ -162,8 +174,16 @@ pub enum KeySource<'a> {
 impl Config {
     /// The request-path limits.
     pub fn limits(&self) -> Limits {
+        let budgets = ClaimBudgets::per_minute(
+            self.consume_limit_per_caller_per_minute,
+            self.consume_limit_per_pair_per_minute,
+            self.consume_limit_per_minute,
+        );
         Limits {
-            budget: Budget::per_minute(self.consume_limit_per_minute),
+            budget: budgets.target,
+            caller_budget: budgets.caller,
+            pair_budget: budgets.pair,
+            idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
             max_body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
@@ -575,6 +595,30 @@ mod tests {
             Cli::try_parse_from(["keypackage-server", "--max-key-package-lifetime-secs", "0"])
                 .unwrap_err();
         assert!(describe_clap_error(&err).starts_with("KPS_MAX_KEY_PACKAGE_LIFETIME_SECS: "));
+    }
+
+    #[test]
+    fn claim_limits_default_to_the_contract_and_zero_turns_the_caller_stages_off() {
+        let limits = config(&[]).limits();
+        assert_eq!(
+            limits.claim_budgets(),
+            crate::rate_limit::ClaimBudgets::per_minute(600, 3, 10)
+        );
+        assert_eq!(limits.idempotency_ttl, Duration::from_secs(600));
+        let off = config(&[
+            "--consume-limit-per-caller-per-minute",
+            "0",
+            "--consume-limit-per-pair-per-minute",
+            "0",
+            "--idempotency-ttl-secs",
+            "5",
+        ])
+        .limits();
+        assert_eq!((off.caller_budget, off.pair_budget), (None, None));
+        assert_eq!(off.idempotency_ttl, Duration::from_secs(5));
+        let err =
+            Cli::try_parse_from(["keypackage-server", "--idempotency-ttl-secs", "0"]).unwrap_err();
+        assert!(describe_clap_error(&err).starts_with("KPS_IDEMPOTENCY_TTL_SECS: "));
     }
 
     #[test]

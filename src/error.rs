@@ -12,6 +12,7 @@ use axum::{
 
 use crate::{
     key_package::{InvalidUpload, InvalidUserId},
+    rate_limit::Scope,
     store::StoreError,
 };
 
@@ -40,6 +41,16 @@ pub enum ApiError {
     /// 401 `unauthorized`, with `WWW-Authenticate: Bearer`.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// 400 `invalid_idempotency_key`: an `Idempotency-Key` that is not 1–255 visible ASCII
+    /// characters.
+    #[error(transparent)]
+    InvalidIdempotencyKey(#[from] crate::key_package::InvalidIdempotencyKey),
+    /// 409 `idempotency_in_progress`: a claim with the same key is being answered right now.
+    #[error("a request with this Idempotency-Key is in progress; retry shortly")]
+    IdempotencyInProgress,
+    /// 422 `idempotency_key_reused`: the key was used for another target.
+    #[error("this Idempotency-Key was used for another user's key package")]
+    IdempotencyKeyReused,
     /// 400 `invalid_cipher_suite`: a `ciphersuite` query value that is not a number 1–65535.
     #[error("ciphersuite must be a decimal or 0x-prefixed hex number from 1 to 65535")]
     InvalidCipherSuite,
@@ -64,11 +75,13 @@ pub enum ApiError {
     /// 415 `unsupported_media_type`.
     #[error("send application/x-protobuf or application/json")]
     UnsupportedMediaType,
-    /// 429 `rate_limited`, with `Retry-After` in whole seconds.
-    #[error("too many key packages requested for this user; retry later")]
+    /// 429 `rate_limited`, with `Retry-After` in whole seconds and the refusing `scope`.
+    #[error("{}", rate_limited_detail(*scope))]
     RateLimited {
         /// Time until one more request is allowed.
         retry_after: Duration,
+        /// The budget that refused: the caller's, the caller→target pair's or the target's.
+        scope: Scope,
     },
     /// 408 `request_timeout`: the request took longer than the server allows.
     #[error("the request took too long")]
@@ -89,7 +102,10 @@ impl ApiError {
             | Self::InvalidUpload(_)
             | Self::InvalidUserId(_)
             | Self::MalformedBody(_)
-            | Self::InvalidCipherSuite => StatusCode::BAD_REQUEST,
+            | Self::InvalidCipherSuite
+            | Self::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+            Self::IdempotencyInProgress => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NoKeyPackage
             | Self::NoCompatibleKeyPackage
@@ -114,6 +130,9 @@ impl ApiError {
             Self::MalformedBody(_) => "malformed_body",
             Self::Unauthorized(_) => "unauthorized",
             Self::InvalidCipherSuite => "invalid_cipher_suite",
+            Self::InvalidIdempotencyKey(_) => "invalid_idempotency_key",
+            Self::IdempotencyInProgress => "idempotency_in_progress",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::NoKeyPackage => "no_key_package",
             Self::NoCompatibleKeyPackage => "no_compatible_key_package",
             Self::NoFingerprint => "no_fingerprint",
@@ -145,6 +164,7 @@ impl From<crate::rate_limit::Refused> for ApiError {
     fn from(refused: crate::rate_limit::Refused) -> Self {
         Self::RateLimited {
             retry_after: refused.retry_after,
+            scope: refused.scope,
         }
     }
 }
@@ -182,6 +202,9 @@ impl IntoResponse for ApiError {
         if let Some(index) = entry_index {
             body["entry_index"] = index.into();
         }
+        if let Self::RateLimited { scope, .. } = &self {
+            body["scope"] = scope.as_str().into();
+        }
         let mut response = (status, body.to_string()).into_response();
         let headers = response.headers_mut();
         headers.insert(
@@ -192,7 +215,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::RateLimited { retry_after } => {
+            Self::RateLimited { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
             }
             // The rest of the body is never read, so the connection cannot carry another
@@ -203,6 +226,15 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// What a 429 says, by the budget that refused.
+fn rate_limited_detail(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Caller => "too many key packages requested by this caller; retry later",
+        Scope::Pair => "too many key packages of this user requested by this caller; retry later",
+        Scope::Target => "too many key packages requested for this user; retry later",
     }
 }
 

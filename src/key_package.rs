@@ -103,6 +103,36 @@ pub enum InvalidKeyPackage {
     Header,
 }
 
+/// An `Idempotency-Key` of a claim: 1–255 characters `0x21`–`0x7E`. Keys belong to the caller
+/// that sent them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+/// Why a header value is not an [`IdempotencyKey`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("Idempotency-Key is 1-255 characters from 0x21 to 0x7E")]
+pub struct InvalidIdempotencyKey;
+
+impl IdempotencyKey {
+    /// Longest accepted key, in characters.
+    pub const MAX_LEN: usize = 255;
+
+    /// Parses a header value's bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, InvalidIdempotencyKey> {
+        let visible = |b: &u8| (0x21..=0x7e).contains(b);
+        if bytes.is_empty() || bytes.len() > Self::MAX_LEN || !bytes.iter().all(visible) {
+            return Err(InvalidIdempotencyKey);
+        }
+        // Visible ASCII only, so always UTF-8.
+        Ok(Self(String::from_utf8_lossy(bytes).into_owned()))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A cipher suite as a client names it in a query: a decimal or `0x`-prefixed hex number from
 /// 1 to 65535 (suite 0 is reserved by RFC 9420). Anything else is `None`.
 pub fn parse_cipher_suite(s: &str) -> Option<u16> {
@@ -403,6 +433,25 @@ impl Upload {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn idempotency_keys_are_1_to_255_visible_ascii_characters() {
+        use super::IdempotencyKey as K;
+        for ok in [&b"a"[..], b"!~", &[b'x'; 255], b"2f1c-9e07:retry/1"] {
+            assert_eq!(K::parse(ok).unwrap().as_str().as_bytes(), ok);
+        }
+        for bad in [
+            &b""[..],
+            &[b'x'; 256],
+            b"a b",
+            b"a\tb",
+            b"\x7f",
+            b"caf\xc3\xa9",
+            b"\x00",
+        ] {
+            assert!(K::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn cipher_suites_are_decimal_or_0x_hex_from_1_to_65535() {
         use super::parse_cipher_suite as p;

@@ -82,6 +82,30 @@ impl Budget {
 pub struct Refused {
     /// Time until the budget allows one more request.
     pub retry_after: Duration,
+    /// The stage whose budget refused.
+    pub scope: Scope,
+}
+
+/// The stages of a claim's budgets, in the order they are charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// The caller's own budget over all targets.
+    Caller,
+    /// The budget of one caller asking for one target.
+    Pair,
+    /// The target's budget over all callers.
+    Target,
+}
+
+impl Scope {
+    /// The problem member `scope` of a 429.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Pair => "pair",
+            Self::Target => "target",
+        }
+    }
 }
 
 /// The in-process pre-check of one [`Budget`] for many keys (targets, callers, pairs).
@@ -117,13 +141,11 @@ impl<K: Hash + Eq + Clone> LocalBudgets<K> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `Err` when, by what this process knows, the budget of `key` is spent at `now_us`.
-    pub fn check(&self, key: &K, now_us: i64) -> Result<(), Refused> {
+    /// `Err` with the wait when, by what this process knows, the budget of `key` is spent at
+    /// `now_us`.
+    pub fn check(&self, key: &K, now_us: i64) -> Result<(), Duration> {
         let tat = self.shard(key).get(key).copied();
-        self.budget
-            .decide(tat, now_us)
-            .map(|_| ())
-            .map_err(|retry_after| Refused { retry_after })
+        self.budget.decide(tat, now_us).map(|_| ())
     }
 
     /// Records a request the shared budget charged; `at_us` is when the request started, which
@@ -176,16 +198,72 @@ impl<K: Hash + Eq + Clone> LocalBudgets<K> {
     }
 }
 
-/// The per-process pre-check of the consumption budgets, keyed by target user.
+/// The consumption budgets of a claim: the caller's and the pair's (`None`: off), then the
+/// target's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimBudgets {
+    /// Per caller, over all targets.
+    pub caller: Option<Budget>,
+    /// Per caller and target.
+    pub pair: Option<Budget>,
+    /// Per target, over all callers.
+    pub target: Budget,
+}
+
+impl ClaimBudgets {
+    /// The contract's defaults: 600 per caller, 3 per pair, 10 per target, per minute.
+    pub fn defaults() -> Self {
+        Self::per_minute(600, 3, 10)
+    }
+
+    /// Budgets of so many requests per minute; `0` turns the caller or pair stage off.
+    pub fn per_minute(caller: u32, pair: u32, target: u32) -> Self {
+        let stage = |n: u32| (n > 0).then(|| Budget::per_minute(n));
+        Self {
+            caller: stage(caller),
+            pair: stage(pair),
+            target: Budget::per_minute(target),
+        }
+    }
+
+    /// Only the target's budget, as v1 had.
+    pub fn target_only(target: Budget) -> Self {
+        Self {
+            caller: None,
+            pair: None,
+            target,
+        }
+    }
+}
+
+/// How a claim ended at the shared budgets, for the pre-check to learn from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// Every enabled stage was charged (a package or a 404).
+    Charged,
+    /// The stage `scope` refused with this wait; the stages before it were charged.
+    Refused(Refused),
+    /// Nothing was charged (a replay, a reused key).
+    Untouched,
+}
+
+/// The per-process pre-check of a claim's budgets, keyed by caller, pair and target, and the
+/// idempotency keys in flight in this process.
 pub struct ConsumeLimiter {
+    callers: Option<LocalBudgets<UserId>>,
+    pairs: Option<LocalBudgets<(UserId, UserId)>>,
     targets: LocalBudgets<UserId>,
+    in_flight: Mutex<std::collections::HashSet<(UserId, String)>>,
 }
 
 impl ConsumeLimiter {
-    /// A pre-check of `budget` per target.
-    pub fn new(budget: Budget) -> Self {
+    /// A pre-check of `budgets`.
+    pub fn new(budgets: ClaimBudgets) -> Self {
         Self {
-            targets: LocalBudgets::new(budget),
+            callers: budgets.caller.map(LocalBudgets::new),
+            pairs: budgets.pair.map(LocalBudgets::new),
+            targets: LocalBudgets::new(budgets.target),
+            in_flight: Mutex::default(),
         }
     }
 
@@ -194,9 +272,124 @@ impl ConsumeLimiter {
         &self.targets
     }
 
+    /// `Err` with the first stage (caller, pair, target) that, by what this process knows,
+    /// would refuse `caller` asking for `target` at `now_us`.
+    pub fn check(&self, caller: &UserId, target: &UserId, now_us: i64) -> Result<(), Refused> {
+        let refused = |scope| move |retry_after| Refused { retry_after, scope };
+        if let Some(callers) = &self.callers {
+            callers
+                .check(caller, now_us)
+                .map_err(refused(Scope::Caller))?;
+        }
+        if let Some(pairs) = &self.pairs {
+            let pair = (caller.clone(), target.clone());
+            pairs.check(&pair, now_us).map_err(refused(Scope::Pair))?;
+        }
+        self.targets
+            .check(target, now_us)
+            .map_err(refused(Scope::Target))
+    }
+
+    /// Learns how the shared budgets settled a claim that started at `at_us`: charges are
+    /// recorded stage by stage up to the refusing one, which is learned.
+    pub fn settle(&self, caller: &UserId, target: &UserId, at_us: i64, settled: Settled) {
+        let stop = match settled {
+            Settled::Untouched => return,
+            Settled::Charged => None,
+            Settled::Refused(r) => Some(r),
+        };
+        let reached = |scope: Scope| match stop {
+            Some(r) if r.scope == scope => Some(Some(r.retry_after)),
+            Some(r) if stage_index(r.scope) < stage_index(scope) => None,
+            _ => Some(None),
+        };
+        if let (Some(callers), Some(outcome)) = (&self.callers, reached(Scope::Caller)) {
+            apply(callers, caller, at_us, outcome);
+        }
+        if let (Some(pairs), Some(outcome)) = (&self.pairs, reached(Scope::Pair)) {
+            apply(pairs, &(caller.clone(), target.clone()), at_us, outcome);
+        }
+        if let Some(outcome) = reached(Scope::Target) {
+            apply(&self.targets, target, at_us, outcome);
+        }
+    }
+
+    /// Marks `(caller, key)` as in flight in this process until the guard drops; `None` when
+    /// it already is (the claim is answered 409 without asking the database).
+    pub fn begin_keyed(&self, caller: &UserId, key: &str) -> Option<InFlight<'_>> {
+        let entry = (caller.clone(), key.to_owned());
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        in_flight.insert(entry.clone()).then_some(InFlight {
+            limiter: self,
+            entry: Some(entry),
+        })
+    }
+
     /// Forgets refilled state now.
     pub fn prune(&self) {
-        self.targets.prune(clock::unix_micros());
+        let now = clock::unix_micros();
+        if let Some(callers) = &self.callers {
+            callers.prune(now);
+        }
+        if let Some(pairs) = &self.pairs {
+            pairs.prune(now);
+        }
+        self.targets.prune(now);
+    }
+
+    /// Keys with state, over all stages.
+    pub fn len(&self) -> usize {
+        self.callers.as_ref().map_or(0, LocalBudgets::len)
+            + self.pairs.as_ref().map_or(0, LocalBudgets::len)
+            + self.targets.len()
+    }
+
+    /// True when no stage has state.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The position of a stage in the charging order.
+fn stage_index(scope: Scope) -> u8 {
+    match scope {
+        Scope::Caller => 0,
+        Scope::Pair => 1,
+        Scope::Target => 2,
+    }
+}
+
+/// Records a charge (`None`) or learns a refusal with its wait.
+fn apply<K: Hash + Eq + Clone>(
+    local: &LocalBudgets<K>,
+    key: &K,
+    at_us: i64,
+    outcome: Option<Duration>,
+) {
+    match outcome {
+        None => local.record(key, at_us),
+        Some(wait) => local.learn(key, at_us, wait),
+    }
+}
+
+/// An idempotency key in flight in this process; see [`ConsumeLimiter::begin_keyed`].
+pub struct InFlight<'a> {
+    limiter: &'a ConsumeLimiter,
+    entry: Option<(UserId, String)>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            self.limiter
+                .in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&entry);
+        }
     }
 }
 
@@ -221,8 +414,9 @@ pub fn spawn_limiter_pruning(
     })
 }
 
-/// Drops fully refilled consumption budgets from the database every `every`, in batches of
-/// [`BUDGET_PRUNE_BATCH`], so the table stays as small as the set of recently consumed targets.
+/// Drops fully refilled consumption budgets and expired idempotency records from the database
+/// every `every`, in batches of [`BUDGET_PRUNE_BATCH`], so both tables stay as small as the
+/// recent claims.
 pub fn spawn_budget_pruning(
     store: Arc<dyn KeyPackageStore>,
     every: Duration,
@@ -232,6 +426,9 @@ pub fn spawn_budget_pruning(
         async move {
             if let Err(e) = prune_budgets(store.as_ref()).await {
                 tracing::warn!(error = %e, "pruning consumption budgets failed");
+            }
+            if let Err(e) = prune_replays(store.as_ref()).await {
+                tracing::warn!(error = %e, "pruning idempotency records failed");
             }
         }
     })
@@ -256,9 +453,23 @@ where
 
 /// Deletes refilled budget rows batch by batch (by the database's clock) until none is left.
 pub async fn prune_budgets(store: &dyn KeyPackageStore) -> Result<u64, crate::store::StoreError> {
+    in_batches(|| store.prune_budgets(None, BUDGET_PRUNE_BATCH)).await
+}
+
+/// Deletes expired idempotency records batch by batch (by the database's clock).
+pub async fn prune_replays(store: &dyn KeyPackageStore) -> Result<u64, crate::store::StoreError> {
+    in_batches(|| store.prune_replays(None, BUDGET_PRUNE_BATCH)).await
+}
+
+/// Runs a pruning statement of [`BUDGET_PRUNE_BATCH`] rows until a batch comes back short.
+async fn in_batches<F, Fut>(mut batch: F) -> Result<u64, crate::store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
+{
     let mut total = 0;
     loop {
-        let deleted = store.prune_budgets(None, BUDGET_PRUNE_BATCH).await?;
+        let deleted = batch().await?;
         total += deleted;
         if deleted < u64::from(BUDGET_PRUNE_BATCH) {
             return Ok(total);
@@ -347,7 +558,7 @@ mod tests {
             local.record(&"bob", now);
         }
         assert_eq!(
-            local.check(&"bob", now).unwrap_err().retry_after,
+            local.check(&"bob", now).unwrap_err(),
             Duration::from_secs(20)
         );
         assert!(local.check(&"carol", now).is_ok(), "budgets are per key");
@@ -374,7 +585,7 @@ mod tests {
         let local = LocalBudgets::new(b);
         let now = 100 * SECOND;
         local.learn(&"bob", now, Duration::from_secs(4));
-        let wait = local.check(&"bob", now).unwrap_err().retry_after;
+        let wait = local.check(&"bob", now).unwrap_err();
         assert_eq!(wait, Duration::from_secs(4));
         assert!(local.check(&"bob", now + 4 * SECOND).is_ok());
         // Never more pessimistic than the shared state it learned from.
@@ -384,10 +595,7 @@ mod tests {
         }
         let shared_wait = b.decide(shared, now).unwrap_err();
         local.learn(&"carol", now, shared_wait);
-        assert_eq!(
-            local.check(&"carol", now).unwrap_err().retry_after,
-            shared_wait
-        );
+        assert_eq!(local.check(&"carol", now).unwrap_err(), shared_wait);
     }
 
     #[test]

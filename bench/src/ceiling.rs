@@ -74,7 +74,8 @@ impl Shared {
             .await
             .map(|c| c.outcome)
         {
-            Ok(ConsumeOutcome::Consumed(_)) => "200",
+            Ok(ConsumeOutcome::Consumed(_) | ConsumeOutcome::Replayed(_)) => "200",
+            Ok(ConsumeOutcome::KeyReused) => "422",
             Ok(ConsumeOutcome::Empty | ConsumeOutcome::Incompatible) => "404",
             Ok(ConsumeOutcome::RateLimited { .. }) => "429",
             Err(_) => "error",

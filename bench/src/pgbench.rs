@@ -23,7 +23,9 @@ fn statement(sql: &str) -> String {
 }
 
 /// Writes `consume.sql`, `upload.sql` and `mixed.sql` into `out`, uploading packages of `size`
-/// bytes. pgbench variables: `users`, `writers`, `interval` and `window` (µs).
+/// bytes. pgbench variables: `users`, `writers`, `callers`, and the refill interval and window
+/// (µs) of the target's (`interval`, `window`), the caller's (`caller_interval`,
+/// `caller_window`) and the pair's (`pair_interval`, `pair_window`) budgets, 0 for off.
 pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
     let now_s = "extract(epoch FROM now())::bigint";
     // Now as a `not_after` key (8 big-endian bytes), as the store binds it.
@@ -78,8 +80,11 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
     upload_sql.push_str(&statement(&bind(STATUS, &[user, &now_key])));
     upload_sql.push_str("COMMIT;\n");
 
-    let random_target = "\\set u random(0, :users - 1)\n";
-    let random_writer = "\\set u random(0, :writers - 1)\n\\set r random(0, 1000000000000000)\n";
+    let random_caller = "\\set c random(0, :callers - 1)\n";
+    let random_target = format!("\\set u random(0, :users - 1)\n{random_caller}");
+    let random_writer = format!(
+        "\\set u random(0, :writers - 1)\n\\set r random(0, 1000000000000000)\n{random_caller}"
+    );
     std::fs::create_dir_all(out)?;
     let write = |name: &str, body: String| -> Result<()> {
         let path = out.join(name);

@@ -98,7 +98,9 @@ pub(crate) fn package(kind: &str, a: u64, b: u64, size: usize) -> Bytes {
     use std::io::Write;
     if let Some(fixture) = openmls_fixture() {
         // Seeded, uploaded and last-resort packages must differ from each other too.
-        let salt = kind.bytes().fold(0u64, |h, c| h.wrapping_mul(31).wrapping_add(c.into()));
+        let salt = kind
+            .bytes()
+            .fold(0u64, |h, c| h.wrapping_mul(31).wrapping_add(c.into()));
         return openmls_package(fixture, a ^ (salt << 40), b);
     }
     let mut v = Vec::with_capacity(size.max(64));

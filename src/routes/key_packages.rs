@@ -1,15 +1,20 @@
 //! `/api/v1/key-packages`: upload, status, delete, and consumption of another user's package.
 
-use axum::{extract::State, http::StatusCode};
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
 
-use super::{SuiteQuery, UserPath};
+use super::{IdempotencyHeader, SuiteQuery, UserPath};
 use crate::{
     app::AppState,
     auth::AuthUser,
     clock,
     error::ApiError,
     key_package::{Fingerprint, Upload},
-    store::{Claim, ConsumeOutcome, Status},
+    rate_limit::{Refused, Settled},
+    store::{Caller, Claim, ConsumeOutcome, Status},
     wire::{
         CipherSuiteCount, KeyPackageResponse, KeyPackageStatus, Negotiated, Reply,
         UploadKeyPackagesRequest, Wire,
@@ -79,48 +84,72 @@ pub(crate) async fn delete_key_packages(
 }
 
 /// `GET /api/v1/key-packages/{user_id}`: hands out the target's oldest servable regular package
-/// of the requested suites, or its last-resort one, charging the target's consumption budget.
+/// of the requested suites, or its last-resort one, charging the caller's, the pair's and the
+/// target's budgets in that order; with an `Idempotency-Key`, a retry replays the package.
 ///
-/// The in-process pre-check refuses from memory what the shared budget would refuse; it learns
+/// The in-process pre-check refuses from memory what the shared budgets would refuse; it learns
 /// only from outcomes the store reached, so a request that fails (5xx) costs no budget at all.
+/// A claim with a key skips it: it may be the retry of one already answered, which charges
+/// nothing and which only the database knows about.
 pub(crate) async fn consume_key_package(
     State(state): State<AppState>,
     AuthUser(caller): AuthUser,
     Negotiated(format): Negotiated,
     UserPath(target): UserPath,
     SuiteQuery(suites): SuiteQuery,
-) -> Result<Reply<KeyPackageResponse>, ApiError> {
+    IdempotencyHeader(key): IdempotencyHeader,
+) -> Result<Response, ApiError> {
     let started = clock::unix_micros();
-    let local = state.limiter.targets();
-    local.check(&target, started)?;
+    let limits = &state.limits;
+    let limiter = &state.limiter;
+    let _in_flight = match &key {
+        Some(key) => Some(
+            limiter
+                .begin_keyed(&caller, key.as_str())
+                .ok_or(ApiError::IdempotencyInProgress)?,
+        ),
+        None => {
+            limiter.check(&caller, &target, started)?;
+            None
+        }
+    };
     let claim = Claim {
         suites: &suites,
-        ..Claim::new(&target, state.limits.budget)
+        caller: Some(Caller {
+            id: &caller,
+            budget: limits.caller_budget,
+            pair_budget: limits.pair_budget,
+            idempotency: key.as_ref().map(|k| (k, limits.idempotency_ttl)),
+        }),
+        ..Claim::new(&target, limits.budget)
     };
     let consumption = state.store.consume(&claim).await?;
     state
         .metrics
         .expired_removed
         .inc_by(consumption.expired_removed);
-    let package = match consumption.outcome {
-        ConsumeOutcome::RateLimited { retry_after } => {
-            local.learn(&target, started, retry_after);
-            return Err(ApiError::RateLimited { retry_after });
-        }
-        ConsumeOutcome::Empty => {
-            local.record(&target, started);
-            return Err(ApiError::NoKeyPackage);
-        }
-        ConsumeOutcome::Incompatible => {
-            local.record(&target, started);
-            return Err(ApiError::NoCompatibleKeyPackage);
-        }
-        ConsumeOutcome::Consumed(package) => {
-            local.record(&target, started);
-            package
-        }
+    let settled = match &consumption.outcome {
+        ConsumeOutcome::RateLimited { retry_after, scope } => Settled::Refused(Refused {
+            retry_after: *retry_after,
+            scope: *scope,
+        }),
+        ConsumeOutcome::Replayed(_) | ConsumeOutcome::KeyReused => Settled::Untouched,
+        _ => Settled::Charged,
     };
-    if package.is_last_resort {
+    limiter.settle(&caller, &target, started, settled);
+    let (package, replayed) = match consumption.outcome {
+        ConsumeOutcome::RateLimited { retry_after, scope } => {
+            return Err(ApiError::RateLimited { retry_after, scope })
+        }
+        ConsumeOutcome::Empty => return Err(ApiError::NoKeyPackage),
+        ConsumeOutcome::Incompatible => return Err(ApiError::NoCompatibleKeyPackage),
+        ConsumeOutcome::KeyReused => return Err(ApiError::IdempotencyKeyReused),
+        ConsumeOutcome::Consumed(package) => (package, false),
+        ConsumeOutcome::Replayed(package) => (package, true),
+    };
+    if replayed {
+        // Nothing was handed out again; the first answer was counted.
+    } else if package.is_last_resort {
         state.metrics.last_resort_handouts.inc();
     } else {
         state.metrics.consumed.inc();
@@ -131,9 +160,10 @@ pub(crate) async fn consume_key_package(
         target = %target,
         last_resort = package.is_last_resort,
         cipher_suite = facts.as_ref().map_or(0, |f| f.cipher_suite),
+        replayed,
         "key package handed out"
     );
-    Ok(Reply(
+    let reply = Reply(
         format,
         KeyPackageResponse {
             key_package_data: package.key_package,
@@ -146,8 +176,16 @@ pub(crate) async fn consume_key_package(
             cipher_suite: facts.as_ref().map_or(0, |f| u32::from(f.cipher_suite)),
             not_after: facts.as_ref().map_or(0, |f| f.not_after),
         },
-    ))
+    );
+    Ok(if replayed {
+        ([(IDEMPOTENT_REPLAYED, "true")], reply).into_response()
+    } else {
+        reply.into_response()
+    })
 }
+
+/// The header that marks a replayed claim.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
 fn status_message(status: Status) -> KeyPackageStatus {
     KeyPackageStatus {

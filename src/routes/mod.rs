@@ -9,7 +9,12 @@ use axum::{
     Router,
 };
 
-use crate::{app::AppState, auth::require_auth, error::ApiError, key_package::UserId};
+use crate::{
+    app::AppState,
+    auth::require_auth,
+    error::ApiError,
+    key_package::{IdempotencyKey, InvalidIdempotencyKey, UserId},
+};
 
 mod health;
 mod key_packages;
@@ -92,6 +97,25 @@ impl<S: Send + Sync> FromRequestParts<S> for SuiteQuery {
         suites.sort_unstable();
         suites.dedup();
         Ok(Self(suites))
+    }
+}
+
+/// The `Idempotency-Key` header of a claim, validated: absent, or 1–255 characters
+/// `0x21`–`0x7E` (anything else, a repeated header included, is 400 `invalid_idempotency_key`).
+pub struct IdempotencyHeader(pub Option<IdempotencyKey>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all("idempotency-key").iter();
+        let Some(value) = values.next() else {
+            return Ok(Self(None));
+        };
+        if values.next().is_some() {
+            return Err(InvalidIdempotencyKey.into());
+        }
+        Ok(Self(Some(IdempotencyKey::parse(value.as_bytes())?)))
     }
 }
 

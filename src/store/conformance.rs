@@ -586,6 +586,7 @@ async fn budget_allows_a_burst_then_rate_limits_until_refilled(store: &dyn KeyPa
     put(store, "bob", &upload(&strs(&all), Some("lr"), None)).await;
     let limited = |ms: u64| ConsumeOutcome::RateLimited {
         retry_after: Duration::from_millis(ms),
+        scope: crate::rate_limit::Scope::Target,
     };
 
     for tag in &all {

@@ -78,6 +78,10 @@ impl<S: KeyPackageStore> KeyPackageStore for Deadline<S> {
     async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         self.within(self.inner.prune_budgets(now_us, limit)).await
     }
+
+    async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        self.within(self.inner.prune_replays(now_us, limit)).await
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +120,9 @@ mod tests {
             std::future::pending().await
         }
         async fn prune_budgets(&self, _: Option<i64>, _: u32) -> Result<u64, StoreError> {
+            std::future::pending().await
+        }
+        async fn prune_replays(&self, _: Option<i64>, _: u32) -> Result<u64, StoreError> {
             std::future::pending().await
         }
     }

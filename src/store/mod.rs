@@ -8,8 +8,8 @@ use bytes::Bytes;
 
 pub use crate::key_package::Upload;
 use crate::{
-    key_package::{Fingerprint, UserId},
-    rate_limit::Budget,
+    key_package::{Fingerprint, IdempotencyKey, UserId},
+    rate_limit::{Budget, Scope},
 };
 
 #[cfg(any(test, feature = "conformance"))]
@@ -94,6 +94,8 @@ pub struct Claim<'a> {
     pub target: &'a UserId,
     /// The target's shared budget.
     pub budget: Budget,
+    /// Who asks, with the caller's own budgets and key; `None`: only the target's budget.
+    pub caller: Option<Caller<'a>>,
     /// The cipher suites the inviter accepts; empty: any package, opaque ones included.
     pub suites: &'a [u16],
     /// The clock in µs since the epoch for the budget and for expiry; `None` (the server's
@@ -103,15 +105,29 @@ pub struct Claim<'a> {
 }
 
 impl<'a> Claim<'a> {
-    /// A claim for any package of `target`, by the database's clock.
+    /// A claim for any package of `target`, by the database's clock, of nobody in particular.
     pub fn new(target: &'a UserId, budget: Budget) -> Self {
         Self {
             target,
             budget,
+            caller: None,
             suites: &[],
             now_us: None,
         }
     }
+}
+
+/// The caller of a claim: its budgets, charged before the target's, and its idempotency key.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    /// The caller.
+    pub id: &'a UserId,
+    /// The caller's own budget over all targets; `None`: off.
+    pub budget: Option<Budget>,
+    /// The budget of this caller asking for this target; `None`: off.
+    pub pair_budget: Option<Budget>,
+    /// The claim's `Idempotency-Key` and how long its outcome is remembered.
+    pub idempotency: Option<(&'a IdempotencyKey, Duration)>,
 }
 
 /// What a consumption did: its outcome, and the expired packages it removed on the way.
@@ -132,11 +148,19 @@ pub enum ConsumeOutcome {
     Empty,
     /// The target holds servable packages, but none of the requested cipher suites.
     Incompatible,
-    /// The target's shared consumption budget is spent; retry after this long.
+    /// A budget is spent (the first refusing stage: caller, pair or target); retry after
+    /// this long. Stages after it were not charged.
     RateLimited {
         /// Time until the budget allows one more request.
         retry_after: Duration,
+        /// The stage that refused.
+        scope: Scope,
     },
+    /// The caller's key was used for this target within its time to live: the package handed
+    /// out then, again; nothing was consumed or charged.
+    Replayed(Consumed),
+    /// The caller's key was used for another target within its time to live; nothing charged.
+    KeyReused,
 }
 
 /// What storage knows went wrong while serving a request.
@@ -264,6 +288,10 @@ pub trait KeyPackageStore: Send + Sync + 'static {
     /// Drops at most `limit` budget rows that have fully refilled at `now_us` (`None`: by the
     /// database's clock), which are equivalent to no state; returns how many it dropped.
     async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError>;
+
+    /// Drops at most `limit` idempotency records expired at `now_us` (`None`: by the
+    /// database's clock); returns how many it dropped.
+    async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError>;
 }
 
 /// Connection settings common to both backends.
@@ -432,6 +460,11 @@ pub(crate) fn not_after_key(not_after: u64) -> [u8; 8] {
     not_after.to_be_bytes()
 }
 
+/// A duration in whole µs, saturating.
+pub(crate) fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// A Unix time as a `not_after` key, for comparisons with stored lifetimes.
 pub(crate) fn now_key(now_unix: i64) -> [u8; 8] {
     not_after_key(u64::try_from(now_unix).unwrap_or(0))
@@ -546,12 +579,12 @@ pub(crate) fn build_status(rows: Vec<StatusRow>, now_unix: i64) -> Status {
 /// A handed-out package as both backends' consume queries return it.
 #[derive(sqlx::FromRow)]
 pub(crate) struct ConsumedRow {
-    data: Vec<u8>,
-    fingerprint: Option<String>,
-    is_last_resort: bool,
-    cipher_suite: Option<i32>,
-    not_after: Option<Vec<u8>>,
-    key_package_ref: Option<Vec<u8>>,
+    pub(crate) data: Vec<u8>,
+    pub(crate) fingerprint: Option<String>,
+    pub(crate) is_last_resort: bool,
+    pub(crate) cipher_suite: Option<i32>,
+    pub(crate) not_after: Option<Vec<u8>>,
+    pub(crate) key_package_ref: Option<Vec<u8>>,
 }
 
 impl From<ConsumedRow> for Consumed {

@@ -15,11 +15,14 @@ use sqlx::{
 };
 
 use super::{
-    build_status, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow,
-    Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow, StoreError,
-    UnreadRow, Upload, UploadOutcome, UploadPlan,
+    build_status, micros, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
+    ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
+    StoreError, UnreadRow, Upload, UploadOutcome, UploadPlan,
 };
-use crate::key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES};
+use crate::{
+    key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
+    rate_limit::{Budget, Scope},
+};
 
 /// The Postgres schema, applied at start by [`PgStore::connect`].
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -119,19 +122,21 @@ WITH inserted AS (
 )
 SELECT count(*) FROM inserted";
 
-/// One consumption: the `kps_consume` function of the migrations, which locks the target's
-/// budget and user rows, charges the budget by the database's clock, removes expired packages
-/// and hands out a package, in one transaction and one round trip (see
-/// `migrations/postgres/0003_facts.sql`).
+/// One claim: the `kps_claim` function of the migrations, which takes the caller's
+/// idempotency key, charges the caller's, the pair's and the target's budgets in that order by
+/// the database's clock, removes expired packages and hands out a package, in one transaction
+/// and one round trip (see `migrations/postgres/0004_claims.sql`).
 ///
-/// $1 target, $2 refill interval (µs), $3 window (µs), $4 now (µs) or NULL for the database's
-/// clock, $5 accepted suites or NULL for any. One row: `wait_us` set when refused by the
-/// budget; else the package ([`ConsumedRow`]), or none and whether anything is `servable`.
+/// $1 target, $2 caller or NULL, $3 idempotency key or NULL, $4 its time to live (µs), $5 now
+/// (µs) or NULL for the database's clock, $6 accepted suites or NULL for any; refill interval
+/// and window (µs) of the target's ($7, $8), the caller's ($9, $10) and the pair's ($11, $12)
+/// budgets, NULL for a stage that is off. One row: the `outcome`, with `wait_us` for a
+/// refusal and the package ([`ConsumedRow`]) for a hand-out or a replay.
 pub const CONSUME: &str = "\
-SELECT wait_us, expired_removed, servable, kp_data AS data, kp_fingerprint AS fingerprint,
+SELECT outcome, wait_us, expired_removed, kp_data AS data, kp_fingerprint AS fingerprint,
        kp_is_last_resort AS is_last_resort, kp_cipher_suite AS cipher_suite,
        kp_not_after AS not_after, kp_ref AS key_package_ref
-FROM kps_consume($1, $2, $3, $4, $5)";
+FROM kps_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
 /// Removes the user's expired regular packages and returns how many, with the digests of the
 /// rest. Runs under the lock [`LOCK_USER`] took, as a statement of its own, so its snapshot
@@ -177,9 +182,18 @@ pub const FINGERPRINT: &str =
 /// charged right now are not refilled anyway, and pruners in several processes then never wait
 /// on (or deadlock with) each other or consumers.
 pub const PRUNE_BUDGETS: &str = "\
-DELETE FROM consume_budgets WHERE user_id IN (
-    SELECT user_id FROM consume_budgets
+DELETE FROM consume_budgets WHERE (scope, subject) IN (
+    SELECT scope, subject FROM consume_budgets
     WHERE tat_us <= COALESCE($1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)";
+
+/// Drops at most `$2` idempotency records expired by `$1` (µs, or NULL for the database's
+/// clock); `SKIP LOCKED` as [`PRUNE_BUDGETS`].
+pub const PRUNE_REPLAYS: &str = "\
+DELETE FROM claim_replays WHERE (caller, idem_key) IN (
+    SELECT caller, idem_key FROM claim_replays
+    WHERE expires_us <= COALESCE($1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
     LIMIT $2
     FOR UPDATE SKIP LOCKED)";
 
@@ -345,6 +359,20 @@ impl PgStore {
         sqlx::query_scalar(sql).persistent(self.persistent())
     }
 
+    /// Runs a pruning statement ([`PRUNE_BUDGETS`], [`PRUNE_REPLAYS`]): $1 now (µs) or NULL,
+    /// $2 the most rows to drop.
+    async fn prune(&self, sql: &str, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        let mut session = self.session().await?;
+        let done = self
+            .query(sql)
+            .bind(now_us)
+            .bind(i64::from(limit))
+            .execute(session.conn())
+            .await?;
+        session.finish().await?;
+        Ok(done.rows_affected())
+    }
+
     async fn status_in(
         &self,
         conn: &mut PgConnection,
@@ -438,35 +466,61 @@ impl KeyPackageStore for PgStore {
     async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
         let suites: Option<Vec<i32>> =
             (!claim.suites.is_empty()).then(|| claim.suites.iter().map(|&s| s.into()).collect());
+        let caller = claim.caller.as_ref();
+        let stage = |budget: Option<Budget>| {
+            let budget = budget.filter(|_| caller.is_some());
+            (
+                budget.map(|b| b.interval_us()),
+                budget.map(|b| b.window_us()),
+            )
+        };
+        let (caller_interval, caller_window) = stage(caller.and_then(|c| c.budget));
+        let (pair_interval, pair_window) = stage(caller.and_then(|c| c.pair_budget));
+        let key = caller.and_then(|c| c.idempotency);
         let mut session = self.session().await?;
         let row: ConsumeRow = self
             .query_as(CONSUME)
             .bind(claim.target.as_str())
-            .bind(claim.budget.interval_us())
-            .bind(claim.budget.window_us())
+            .bind(caller.map(|c| c.id.as_str()))
+            .bind(key.map(|(k, _)| k.as_str()))
+            .bind(key.map_or(0, |(_, ttl)| micros(ttl)))
             .bind(claim.now_us)
             .bind(suites)
+            .bind(claim.budget.interval_us())
+            .bind(claim.budget.window_us())
+            .bind(caller_interval)
+            .bind(caller_window)
+            .bind(pair_interval)
+            .bind(pair_window)
             .fetch_one(session.conn())
             .await?;
         session.finish().await?;
-        let expired = u64::try_from(row.expired_removed).unwrap_or(0);
-        let outcome = match row {
-            ConsumeRow {
-                wait_us: Some(wait),
-                ..
-            } => ConsumeOutcome::RateLimited {
-                retry_after: std::time::Duration::from_micros(u64::try_from(wait).unwrap_or(0)),
-            },
-            ConsumeRow {
-                package: Some(package),
-                ..
-            } => ConsumeOutcome::Consumed(package.into()),
-            ConsumeRow { servable: true, .. } => ConsumeOutcome::Incompatible,
-            _ => ConsumeOutcome::Empty,
+        let expired_removed = u64::try_from(row.expired_removed).unwrap_or(0);
+        let wait = std::time::Duration::from_micros(
+            row.wait_us.and_then(|w| u64::try_from(w).ok()).unwrap_or(0),
+        );
+        let refused = |scope| ConsumeOutcome::RateLimited {
+            retry_after: wait,
+            scope,
+        };
+        let outcome = match (row.outcome.as_str(), row.package) {
+            ("package", Some(package)) => ConsumeOutcome::Consumed(package.into()),
+            ("replayed", Some(package)) => ConsumeOutcome::Replayed(package.into()),
+            ("reused", _) => ConsumeOutcome::KeyReused,
+            ("incompatible", _) => ConsumeOutcome::Incompatible,
+            ("empty", _) => ConsumeOutcome::Empty,
+            ("caller", _) => refused(Scope::Caller),
+            ("pair", _) => refused(Scope::Pair),
+            ("target", _) => refused(Scope::Target),
+            (other, _) => {
+                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                    "kps_claim returned an unknown outcome {other:?}"
+                ))))
+            }
         };
         Ok(Consumption {
             outcome,
-            expired_removed: expired,
+            expired_removed,
         })
     }
 
@@ -540,15 +594,11 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
-        let mut session = self.session().await?;
-        let done = self
-            .query(PRUNE_BUDGETS)
-            .bind(now_us)
-            .bind(i64::from(limit))
-            .execute(session.conn())
-            .await?;
-        session.finish().await?;
-        Ok(done.rows_affected())
+        self.prune(PRUNE_BUDGETS, now_us, limit).await
+    }
+
+    async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        self.prune(PRUNE_REPLAYS, now_us, limit).await
     }
 }
 
@@ -577,21 +627,21 @@ async fn migrate_in_one_transaction(conn: &mut PgConnection) -> Result<(), Conne
     tx.commit().await.map_err(ConnectError::Open)
 }
 
-/// A [`CONSUME`] row: the wait when the budget refused, else the package handed out, or
-/// whether anything servable is held.
+/// A [`CONSUME`] row: the outcome, the wait when a budget refused, the package handed out or
+/// replayed.
 struct ConsumeRow {
+    outcome: String,
     wait_us: Option<i64>,
     expired_removed: i64,
-    servable: bool,
     package: Option<ConsumedRow>,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ConsumeRow {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
+        let outcome = row.try_get("outcome")?;
         let wait_us = row.try_get("wait_us")?;
         let expired_removed = row.try_get("expired_removed")?;
-        let servable: Option<bool> = row.try_get("servable")?;
         // The package columns are NULL together when nothing was handed out.
         let data: Option<Vec<u8>> = row.try_get("data")?;
         let package = match data {
@@ -599,9 +649,9 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ConsumeRow {
             None => None,
         };
         Ok(Self {
+            outcome,
             wait_us,
             expired_removed,
-            servable: servable.unwrap_or(false),
             package,
         })
     }

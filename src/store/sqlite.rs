@@ -16,13 +16,14 @@ use sqlx::{
 };
 
 use super::{
-    build_status, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow,
-    Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow, StoreError,
-    UnreadRow, Upload, UploadOutcome, UploadPlan,
+    build_status, micros, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
+    ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
+    StoreError, UnreadRow, Upload, UploadOutcome, UploadPlan,
 };
 use crate::{
     clock,
     key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
+    rate_limit::{Budget, Scope},
 };
 
 /// The SQLite schema, applied at start by [`SqliteStore::connect`].
@@ -88,13 +89,26 @@ pub const TRIM: &str = "\
 DELETE FROM key_packages WHERE user_id = $1 AND id NOT IN
     (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id DESC LIMIT $2)";
 
-/// The target's stored budget state (GCRA `tat`, µs). $1 target.
-pub const BUDGET_TAT: &str = "SELECT tat_us FROM consume_budgets WHERE user_id = $1";
+/// A budget's stored state (GCRA `tat`, µs). $1 scope (0 target, 1 caller, 2 pair), $2 subject.
+pub const BUDGET_TAT: &str = "SELECT tat_us FROM consume_budgets WHERE scope = $1 AND subject = $2";
 
-/// Stores the target's new budget state. $1 target, $2 new `tat` (µs).
+/// Stores a budget's new state. $1 scope, $2 subject, $3 new `tat` (µs).
 pub const CHARGE_BUDGET: &str = "\
-INSERT INTO consume_budgets (user_id, tat_us) VALUES ($1, $2)
-ON CONFLICT (user_id) DO UPDATE SET tat_us = excluded.tat_us";
+INSERT INTO consume_budgets (scope, subject, tat_us) VALUES ($1, $2, $3)
+ON CONFLICT (scope, subject) DO UPDATE SET tat_us = excluded.tat_us";
+
+/// The unexpired record of the caller's key ([`ReplayRow`]). $1 caller, $2 key, $3 now (µs).
+pub const REPLAY: &str = "\
+SELECT target, data, fingerprint, is_last_resort, cipher_suite, not_after, key_package_ref
+FROM claim_replays WHERE caller = $1 AND idem_key = $2 AND expires_us > $3";
+
+/// Remembers what a claim with a key handed out, replacing an expired record of the key.
+/// $1 caller, $2 key, $3 target, $4 expiry (µs), then the package: $5 bytes, $6 fingerprint,
+/// $7 last-resort flag, $8 suite, $9 `not_after` key, $10 ref.
+pub const REMEMBER: &str = "\
+INSERT OR REPLACE INTO claim_replays (caller, idem_key, target, expires_us, data, fingerprint,
+    is_last_resort, cipher_suite, not_after, key_package_ref)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 /// Removes and returns the target's oldest regular package of the accepted suites
 /// ([`ConsumedRow`]), once [`DROP_EXPIRED`] has run. $1 target, $2 the suites as a JSON array,
@@ -152,8 +166,13 @@ pub const FINGERPRINT: &str =
 
 /// Drops at most `$2` budget rows that have fully refilled by `$1` (µs).
 pub const PRUNE_BUDGETS: &str = "\
-DELETE FROM consume_budgets WHERE user_id IN
-    (SELECT user_id FROM consume_budgets WHERE tat_us <= $1 LIMIT $2)";
+DELETE FROM consume_budgets WHERE (scope, subject) IN
+    (SELECT scope, subject FROM consume_budgets WHERE tat_us <= $1 LIMIT $2)";
+
+/// Drops at most `$2` idempotency records expired by `$1` (µs).
+pub const PRUNE_REPLAYS: &str = "\
+DELETE FROM claim_replays WHERE (caller, idem_key) IN
+    (SELECT caller, idem_key FROM claim_replays WHERE expires_us <= $1 LIMIT $2)";
 
 pub use super::common_sql::{SET_FACTS, SET_LAST_RESORT_FACTS, STATUS};
 
@@ -397,42 +416,68 @@ impl KeyPackageStore for SqliteStore {
     }
 
     async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
-        let (target, budget) = (claim.target, claim.budget);
+        let target = claim.target;
         let suites = (!claim.suites.is_empty())
             .then(|| serde_json::to_string(claim.suites).expect("a list of numbers"));
+        let caller = claim.caller.as_ref();
+        let key = caller.and_then(|c| c.idempotency.map(|(k, ttl)| (c.id, k, ttl)));
         let mut tx = self.begin_write().await?;
         // Read under the write lock, so requests that waited for it are judged by when they
         // got it, in the order they got it.
         let now_us = claim.now_us.unwrap_or_else(clock::unix_micros);
         let now = now_key(now_us.div_euclid(1_000_000));
-        let refused = |retry_after| Consumption {
-            outcome: ConsumeOutcome::RateLimited { retry_after },
+        let untouched = |outcome| Consumption {
+            outcome,
             expired_removed: 0,
         };
-        let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
-            .bind(target.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let new_tat = match budget.decide(tat, now_us) {
-            Ok(t) => t,
-            Err(retry_after) => {
-                // Cut back a state written by a clock that ran ahead, so it refills from now.
-                if let Some(tat) = tat.filter(|&t| budget.clamp(t, now_us) < t) {
-                    sqlx::query(CHARGE_BUDGET)
-                        .bind(target.as_str())
-                        .bind(budget.clamp(tat, now_us))
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                }
-                return Ok(refused(retry_after));
+
+        if let Some((caller, key, _)) = key {
+            let replay: Option<ReplayRow> = sqlx::query_as(REPLAY)
+                .bind(caller.as_str())
+                .bind(key.as_str())
+                .bind(now_us)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(replay) = replay {
+                return Ok(untouched(if replay.target == target.as_str() {
+                    ConsumeOutcome::Replayed(replay.package.into())
+                } else {
+                    ConsumeOutcome::KeyReused
+                }));
             }
-        };
-        sqlx::query(CHARGE_BUDGET)
-            .bind(target.as_str())
-            .bind(new_tat)
-            .execute(&mut *tx)
-            .await?;
+        }
+
+        // The stages in order; a refusal stops there, keeping what the earlier ones charged.
+        let stages = [
+            (
+                Scope::Caller,
+                caller.and_then(|c| c.budget),
+                caller.map(|c| c.id.as_str().to_owned()),
+            ),
+            (
+                Scope::Pair,
+                caller.and_then(|c| c.pair_budget),
+                caller.map(|c| pair_subject(c.id, target)),
+            ),
+            (
+                Scope::Target,
+                Some(claim.budget),
+                Some(target.as_str().to_owned()),
+            ),
+        ];
+        for (scope, budget, subject) in stages {
+            let (Some(budget), Some(subject)) = (budget, subject) else {
+                continue;
+            };
+            if let Err(retry_after) = charge(&mut tx, scope, &subject, budget, now_us).await? {
+                tx.commit().await?;
+                return Ok(untouched(ConsumeOutcome::RateLimited {
+                    retry_after,
+                    scope,
+                }));
+            }
+        }
+
         let expired_removed = sqlx::query(DROP_EXPIRED)
             .bind(target.as_str())
             .bind(now.as_slice())
@@ -453,7 +498,24 @@ impl KeyPackageStore for SqliteStore {
                 .await?;
         }
         let outcome = match package {
-            Some(package) => ConsumeOutcome::Consumed(package.into()),
+            Some(package) => {
+                if let Some((caller, key, ttl)) = key {
+                    sqlx::query(REMEMBER)
+                        .bind(caller.as_str())
+                        .bind(key.as_str())
+                        .bind(target.as_str())
+                        .bind(now_us.saturating_add(micros(ttl)))
+                        .bind(package.data.as_slice())
+                        .bind(package.fingerprint.as_deref().unwrap_or(""))
+                        .bind(package.is_last_resort)
+                        .bind(package.cipher_suite)
+                        .bind(package.not_after.as_deref())
+                        .bind(package.key_package_ref.as_deref())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                ConsumeOutcome::Consumed(package.into())
+            }
             None => {
                 let servable: bool = sqlx::query_scalar(SERVABLE)
                     .bind(target.as_str())
@@ -537,14 +599,82 @@ impl KeyPackageStore for SqliteStore {
     }
 
     async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        self.prune(PRUNE_BUDGETS, now_us, limit).await
+    }
+
+    async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        self.prune(PRUNE_REPLAYS, now_us, limit).await
+    }
+}
+
+impl SqliteStore {
+    /// Runs a pruning statement ([`PRUNE_BUDGETS`], [`PRUNE_REPLAYS`]): $1 now (µs), $2 the
+    /// most rows to drop.
+    async fn prune(&self, sql: &str, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         let mut conn = Self::acquire(&self.writer).await?;
-        let done = sqlx::query(PRUNE_BUDGETS)
+        let done = sqlx::query(sql)
             .bind(now_us.unwrap_or_else(clock::unix_micros))
             .bind(i64::from(limit))
             .execute(&mut *conn)
             .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The number a scope has in `consume_budgets`.
+fn scope_number(scope: Scope) -> i64 {
+    match scope {
+        Scope::Target => 0,
+        Scope::Caller => 1,
+        Scope::Pair => 2,
+    }
+}
+
+/// The subject of a pair's budget: caller, a space, target (user ids hold no spaces).
+pub(crate) fn pair_subject(caller: &UserId, target: &UserId) -> String {
+    format!("{caller} {target}")
+}
+
+/// Charges the budget (`scope`, `subject`) at `now_us` inside the write transaction; `Err`
+/// with the wait when it refuses (a state written by a clock that ran ahead is cut back).
+async fn charge(
+    tx: &mut sqlx::SqliteConnection,
+    scope: Scope,
+    subject: &str,
+    budget: Budget,
+    now_us: i64,
+) -> Result<Result<(), std::time::Duration>, StoreError> {
+    let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
+        .bind(scope_number(scope))
+        .bind(subject)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (write, decided) = match budget.decide(tat, now_us) {
+        Ok(new_tat) => (Some(new_tat), Ok(())),
+        // Cut back a state written by a clock that ran ahead, so it refills from now.
+        Err(wait) => (
+            tat.map(|t| budget.clamp(t, now_us))
+                .filter(|&c| Some(c) < tat),
+            Err(wait),
+        ),
+    };
+    if let Some(new_tat) = write {
+        sqlx::query(CHARGE_BUDGET)
+            .bind(scope_number(scope))
+            .bind(subject)
+            .bind(new_tat)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(decided)
+}
+
+/// A [`REPLAY`] row.
+#[derive(sqlx::FromRow)]
+struct ReplayRow {
+    target: String,
+    #[sqlx(flatten)]
+    package: ConsumedRow,
 }
 
 async fn status_in(

@@ -316,7 +316,7 @@ async fn a_rate_limited_request_hands_nothing_out() {
                 burst: 2,
                 interval: Duration::from_secs(3600),
             },
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })
@@ -343,7 +343,7 @@ async fn the_budget_follows_the_configured_limit() {
     let app = spawn_app_with(AppOptions {
         limits: Limits {
             budget: Budget::per_minute(3),
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })

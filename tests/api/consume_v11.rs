@@ -32,7 +32,7 @@ async fn spawn_with_budget(per_minute: u32) -> TestApp {
     spawn_app_with(AppOptions {
         limits: Limits {
             budget: Budget::per_minute(per_minute),
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })
@@ -272,6 +272,9 @@ impl KeyPackageStore for DayAhead {
     }
     async fn prune_budgets(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         self.0.prune_budgets(now_us, limit).await
+    }
+    async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        self.0.prune_replays(now_us, limit).await
     }
     async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
         self.0.read_stored_facts(limit).await

@@ -14,8 +14,8 @@ use tokio::{
 };
 
 use crate::harness::{
-    command, kp, problem, server_env, spawn_app, spawn_app_with, token, unix_now, AppOptions,
-    TempDir, TestDb, PATIENCE, PROCESS_PATIENCE, SECRET,
+    command, kp, problem, server_env, spawn_app, spawn_app_with, token, unix_now, v1_limits,
+    AppOptions, TempDir, TestDb, PATIENCE, PROCESS_PATIENCE, SECRET,
 };
 
 #[tokio::test]
@@ -24,7 +24,7 @@ async fn head_on_the_consume_route_is_405_with_allow_get_and_consumes_nothing() 
     let app = spawn_app_with(AppOptions {
         limits: Limits {
             budget: Budget::per_minute(1),
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })
@@ -202,7 +202,7 @@ async fn beyond_the_connection_cap_a_client_waits_until_a_slot_frees() {
     let app = spawn_app_with(AppOptions {
         limits: Limits {
             max_connections: 2,
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })

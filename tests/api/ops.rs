@@ -211,6 +211,10 @@ impl KeyPackageStore for Switchable {
         self.check()?;
         self.inner.prune_budgets(now_us, limit).await
     }
+    async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.prune_replays(now_us, limit).await
+    }
 }
 
 #[tokio::test]

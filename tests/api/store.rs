@@ -431,7 +431,7 @@ async fn a_consume_that_waited_for_the_budget_lock_sees_packages_committed_meanw
         .await
         .unwrap();
     let mut holder = open_transaction(&db).await;
-    sqlx::query("SELECT 1 FROM consume_budgets WHERE user_id = 'bob' FOR UPDATE")
+    sqlx::query("SELECT 1 FROM consume_budgets WHERE scope = 0 AND subject = 'bob' FOR UPDATE")
         .execute(&mut holder)
         .await
         .unwrap();

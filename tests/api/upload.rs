@@ -445,7 +445,7 @@ async fn upload_over_the_body_limit_returns_413_and_stores_nothing() {
     let app = spawn_app_with(AppOptions {
         limits: Limits {
             max_body_bytes: 1024,
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })
@@ -576,7 +576,7 @@ async fn a_chunked_upload_over_the_body_limit_returns_413() {
     let app = spawn_app_with(AppOptions {
         limits: Limits {
             max_body_bytes: 1024,
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })

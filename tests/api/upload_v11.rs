@@ -30,7 +30,7 @@ async fn spawn_with_policy(upload: UploadPolicy) -> TestApp {
     spawn_app_with(AppOptions {
         limits: Limits {
             upload,
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })

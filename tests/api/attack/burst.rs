@@ -27,7 +27,7 @@ async fn ten_thousand_distinct_targets_in_a_burst_are_answered_and_leave_no_limi
                 burst: 1000,
                 interval: Duration::from_millis(1),
             },
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })

@@ -33,10 +33,21 @@ pub(crate) struct AppOptions {
     pub(crate) auth: Authenticator,
 }
 
+/// The server's default limits with the per-caller and per-pair stages off, as
+/// `KPS_CONSUME_LIMIT_PER_CALLER_PER_MINUTE=0` and `KPS_CONSUME_LIMIT_PER_PAIR_PER_MINUTE=0`
+/// configure them: v1's consumption budget, which the v1 tests exercise on their own.
+pub(crate) fn v1_limits() -> Limits {
+    Limits {
+        caller_budget: None,
+        pair_budget: None,
+        ..Limits::default()
+    }
+}
+
 impl Default for AppOptions {
     fn default() -> Self {
         Self {
-            limits: Limits::default(),
+            limits: v1_limits(),
             auth: Authenticator::new(VerifyingKey::Secret(SECRET.to_vec()), None, None),
         }
     }
@@ -122,7 +133,7 @@ pub(crate) async fn spawn_limited_app(max_body_bytes: usize) -> TestApp {
         limits: Limits {
             max_body_bytes,
             request_timeout: Duration::from_secs(2),
-            ..Limits::default()
+            ..v1_limits()
         },
         ..AppOptions::default()
     })

@@ -81,6 +81,10 @@ pub(crate) fn server_env(db: &TestDb, data_dir: &TempDir) -> Env {
         ("DATABASE_URL", &db.url),
         ("KPS_JWT_SECRET", &secret_str()),
         ("KPS_DATA_DIR", &data_dir.path_str("data")),
+        // v1's consumption budget alone, as `v1_limits` gives the in-process server; the
+        // tests of the per-caller stages set their own values.
+        ("KPS_CONSUME_LIMIT_PER_CALLER_PER_MINUTE", "0"),
+        ("KPS_CONSUME_LIMIT_PER_PAIR_PER_MINUTE", "0"),
     ])
 }
 
