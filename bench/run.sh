@@ -269,7 +269,9 @@ build_baseline() {
   mkdir -p target/baseline
   cp target/release/keypackage-server target/baseline/keypackage-server
   git worktree remove --force "$src"
-  # The worktree build overwrote this build's binary: rebuild it (only the crate recompiles).
+  # The worktree build overwrote this build's binary and its generated protobuf code (cargo
+  # keeps one build-script output per package): rebuild the crate, build script included.
+  cargo clean --release -p keypackage-server >&2
   cargo build --release -p keypackage-server >&2
   log "# baseline $(git rev-parse --short "$rev") against $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes')"
 }

@@ -148,6 +148,24 @@ impl<K: Hash + Eq + Clone> LocalBudgets<K> {
         self.budget.decide(tat, now_us).map(|_| ())
     }
 
+    /// Reserves one request of `key` at `at_us` if, by what this process knows, the budget
+    /// allows it; `Err` with the wait otherwise. A reservation the shared budget then does not
+    /// charge is given back with [`LocalBudgets::refund`], so concurrent requests cannot all
+    /// pass on one free slot, and the state stays no ahead of the shared one once settled.
+    pub fn reserve(&self, key: &K, at_us: i64) -> Result<(), Duration> {
+        let mut shard = self.shard(key);
+        let next = self.budget.decide(shard.get(key).copied(), at_us)?;
+        shard.insert(key.clone(), next);
+        Ok(())
+    }
+
+    /// Gives back one reservation of `key`.
+    pub fn refund(&self, key: &K) {
+        if let Some(tat) = self.shard(key).get_mut(key) {
+            *tat = tat.saturating_sub(self.budget.interval_us());
+        }
+    }
+
     /// Records a request the shared budget charged; `at_us` is when the request started, which
     /// is no later than when the database charged it.
     pub fn record(&self, key: &K, at_us: i64) {
@@ -241,7 +259,7 @@ impl ClaimBudgets {
 pub enum Settled {
     /// Every enabled stage was charged (a package or a 404).
     Charged,
-    /// The stage `scope` refused with this wait; the stages before it were charged.
+    /// The stage `scope` refused with this wait; no stage was charged.
     Refused(Refused),
     /// Nothing was charged (a replay, a reused key).
     Untouched,
@@ -272,45 +290,71 @@ impl ConsumeLimiter {
         &self.targets
     }
 
-    /// `Err` with the first stage (caller, pair, target) that, by what this process knows,
-    /// would refuse `caller` asking for `target` at `now_us`.
-    pub fn check(&self, caller: &UserId, target: &UserId, now_us: i64) -> Result<(), Refused> {
+    /// Admits `caller` asking for `target` at `at_us`, reserving one request at every stage,
+    /// or refuses with the first stage (caller, pair, target) that, by what this process knows,
+    /// is spent. The reservations are given back unless [`Admission::settle`] learns that the
+    /// shared budgets charged the claim.
+    pub fn admit(
+        &self,
+        caller: &UserId,
+        target: &UserId,
+        at_us: i64,
+    ) -> Result<Admission<'_>, Refused> {
+        let mut admission = Admission {
+            limiter: self,
+            caller: caller.clone(),
+            target: target.clone(),
+            reserved: [false; 3],
+            kept: false,
+        };
         let refused = |scope| move |retry_after| Refused { retry_after, scope };
         if let Some(callers) = &self.callers {
             callers
-                .check(caller, now_us)
+                .reserve(caller, at_us)
                 .map_err(refused(Scope::Caller))?;
+            admission.reserved[0] = true;
         }
         if let Some(pairs) = &self.pairs {
-            let pair = (caller.clone(), target.clone());
-            pairs.check(&pair, now_us).map_err(refused(Scope::Pair))?;
+            pairs
+                .reserve(&admission.pair(), at_us)
+                .map_err(refused(Scope::Pair))?;
+            admission.reserved[1] = true;
         }
         self.targets
-            .check(target, now_us)
-            .map_err(refused(Scope::Target))
+            .reserve(target, at_us)
+            .map_err(refused(Scope::Target))?;
+        admission.reserved[2] = true;
+        Ok(admission)
     }
 
-    /// Learns how the shared budgets settled a claim that started at `at_us`: charges are
-    /// recorded stage by stage up to the refusing one, which is learned.
-    pub fn settle(&self, caller: &UserId, target: &UserId, at_us: i64, settled: Settled) {
-        let stop = match settled {
-            Settled::Untouched => return,
-            Settled::Charged => None,
-            Settled::Refused(r) => Some(r),
-        };
-        let reached = |scope: Scope| match stop {
-            Some(r) if r.scope == scope => Some(Some(r.retry_after)),
-            Some(r) if stage_index(r.scope) < stage_index(scope) => None,
-            _ => Some(None),
-        };
-        if let (Some(callers), Some(outcome)) = (&self.callers, reached(Scope::Caller)) {
-            apply(callers, caller, at_us, outcome);
+    /// Learns how the shared budgets settled a claim that was not admitted here (one with an
+    /// idempotency key) and started at `at_us`.
+    pub fn observe(&self, caller: &UserId, target: &UserId, at_us: i64, settled: Settled) {
+        match settled {
+            Settled::Untouched => {}
+            Settled::Refused(r) => self.learn(caller, target, at_us, r),
+            Settled::Charged => {
+                if let Some(callers) = &self.callers {
+                    callers.record(caller, at_us);
+                }
+                if let Some(pairs) = &self.pairs {
+                    pairs.record(&(caller.clone(), target.clone()), at_us);
+                }
+                self.targets.record(target, at_us);
+            }
         }
-        if let (Some(pairs), Some(outcome)) = (&self.pairs, reached(Scope::Pair)) {
-            apply(pairs, &(caller.clone(), target.clone()), at_us, outcome);
-        }
-        if let Some(outcome) = reached(Scope::Target) {
-            apply(&self.targets, target, at_us, outcome);
+    }
+
+    /// Learns a refusal of the shared budget of stage `r.scope`.
+    fn learn(&self, caller: &UserId, target: &UserId, at_us: i64, r: Refused) {
+        match (r.scope, &self.callers, &self.pairs) {
+            (Scope::Caller, Some(callers), _) => callers.learn(caller, at_us, r.retry_after),
+            (Scope::Pair, _, Some(pairs)) => {
+                pairs.learn(&(caller.clone(), target.clone()), at_us, r.retry_after);
+            }
+            (Scope::Target, _, _) => self.targets.learn(target, at_us, r.retry_after),
+            // A stage this process has off (another process may have it on): nothing to keep.
+            _ => {}
         }
     }
 
@@ -318,11 +362,14 @@ impl ConsumeLimiter {
     /// it already is (the claim is answered 409 without asking the database).
     pub fn begin_keyed(&self, caller: &UserId, key: &str) -> Option<InFlight<'_>> {
         let entry = (caller.clone(), key.to_owned());
-        let mut in_flight = self
+        let inserted = self
             .in_flight
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        in_flight.insert(entry.clone()).then_some(InFlight {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(entry.clone());
+        // Lazily: a guard made and dropped here would take the lock again and free the key
+        // of the claim that holds it.
+        inserted.then(|| InFlight {
             limiter: self,
             entry: Some(entry),
         })
@@ -353,25 +400,59 @@ impl ConsumeLimiter {
     }
 }
 
-/// The position of a stage in the charging order.
-fn stage_index(scope: Scope) -> u8 {
-    match scope {
-        Scope::Caller => 0,
-        Scope::Pair => 1,
-        Scope::Target => 2,
+/// A claim admitted by [`ConsumeLimiter::admit`], holding its reservations.
+pub struct Admission<'a> {
+    limiter: &'a ConsumeLimiter,
+    caller: UserId,
+    target: UserId,
+    /// Which of caller, pair and target hold a reservation.
+    reserved: [bool; 3],
+    /// The shared budgets charged the claim: the reservations stand.
+    kept: bool,
+}
+
+impl Admission<'_> {
+    fn pair(&self) -> (UserId, UserId) {
+        (self.caller.clone(), self.target.clone())
+    }
+
+    /// Learns how the shared budgets settled the claim, which started at `at_us`: charged, the
+    /// reservations stand; otherwise they are given back, and a refusal is learned.
+    pub fn settle(mut self, at_us: i64, settled: Settled) {
+        match settled {
+            Settled::Charged => self.kept = true,
+            Settled::Refused(r) => {
+                self.give_back();
+                self.limiter.learn(&self.caller, &self.target, at_us, r);
+            }
+            Settled::Untouched => {}
+        }
+    }
+
+    fn give_back(&mut self) {
+        let limiter = self.limiter;
+        if std::mem::take(&mut self.reserved[0]) {
+            if let Some(callers) = &limiter.callers {
+                callers.refund(&self.caller);
+            }
+        }
+        if std::mem::take(&mut self.reserved[1]) {
+            if let Some(pairs) = &limiter.pairs {
+                pairs.refund(&self.pair());
+            }
+        }
+        if std::mem::take(&mut self.reserved[2]) {
+            limiter.targets.refund(&self.target);
+        }
     }
 }
 
-/// Records a charge (`None`) or learns a refusal with its wait.
-fn apply<K: Hash + Eq + Clone>(
-    local: &LocalBudgets<K>,
-    key: &K,
-    at_us: i64,
-    outcome: Option<Duration>,
-) {
-    match outcome {
-        None => local.record(key, at_us),
-        Some(wait) => local.learn(key, at_us, wait),
+impl Drop for Admission<'_> {
+    /// A claim that failed (or was never settled) was not charged: its reservations go back.
+    fn drop(&mut self) {
+        if !self.kept {
+            self.give_back();
+        }
     }
 }
 

@@ -26,13 +26,14 @@ CREATE TABLE claim_replays (
 );
 CREATE INDEX claim_replays_expiry ON claim_replays (expires_us);
 
--- Locks the budget row (scope, subject), creating it on first use, and charges it by GCRA at
--- the database's clock read after the lock (or p_now_us): 0 when charged, else the wait in µs
--- (nothing charged). A stored tat ahead of now + window (a clock that ran ahead) is cut back
--- to now + window first, so it locks the bucket for one refill interval at most.
-CREATE FUNCTION kps_charge(p_scope smallint, p_subject text, p_interval_us bigint,
-                           p_window_us bigint, p_now_us bigint)
-RETURNS bigint
+-- Locks the budget row (scope, subject), creating it on first use, and judges one more
+-- request by GCRA at the database's clock read after the lock (or p_now_us), charging nothing:
+-- the tat to store if the claim goes ahead, and the wait (0 when it may). A stored tat ahead of
+-- now + window (a clock that ran ahead) is cut back to now + window at once, so it locks the
+-- bucket for one refill interval at most.
+CREATE FUNCTION kps_budget(p_scope smallint, p_subject text, p_interval_us bigint,
+                           p_window_us bigint, p_now_us bigint,
+                           OUT wait_us bigint, OUT next_tat_us bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_tat bigint;
@@ -51,12 +52,8 @@ BEGIN
         v_tat := v_now + p_window_us;
         UPDATE consume_budgets SET tat_us = v_tat WHERE scope = p_scope AND subject = p_subject;
     END IF;
-    v_tat := GREATEST(v_tat, v_now) + p_interval_us;
-    IF v_tat > v_now + p_window_us THEN
-        RETURN v_tat - (v_now + p_window_us);
-    END IF;
-    UPDATE consume_budgets SET tat_us = v_tat WHERE scope = p_scope AND subject = p_subject;
-    RETURN 0;
+    next_tat_us := GREATEST(v_tat, v_now) + p_interval_us;
+    wait_us := GREATEST(next_tat_us - (v_now + p_window_us), 0);
 END
 $$;
 
@@ -66,9 +63,10 @@ $$;
 -- 1. With a key: take the caller's key. A committed, unexpired record answers at once (the
 --    same target: replay; another: reused), charging nothing. A concurrent claim with the same
 --    key holds the key's row until it ends; this one waits, then replays what it handed out.
--- 2. Charge the budgets in order, caller (scope 1), pair (2), target (0), each locked before it
---    is charged (every claim locks them in this order, so claims never wait in a cycle); a
---    refusal stops there, charging none of the later ones. NULL intervals turn a stage off.
+-- 2. Judge the budgets in order, caller (scope 1), pair (2), target (0), each locked first
+--    (every claim locks them in this order, so claims never wait in a cycle); the first that
+--    refuses answers, and a refused claim is charged at no stage, before or after it. Once all
+--    pass, all are charged. NULL intervals turn a stage off.
 -- 3. Share-lock the target's user row (an upload or delete in flight finishes first), remove
 --    its expired regular packages, hand out the oldest one of p_suites (NULL: any), or else
 --    count a hand-out of its last-resort package if that has not expired and qualifies.
@@ -89,6 +87,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_now bigint;
     v_wait bigint;
+    v_caller_tat bigint;
+    v_pair_tat bigint;
+    v_target_tat bigint;
     v_now_key bytea;
     v_expired bigint := 0;
     v_replay claim_replays%ROWTYPE;
@@ -125,8 +126,10 @@ BEGIN
         END IF;
     END IF;
 
+    -- Every stage is judged before any is charged: a refused claim charges none of them.
     IF p_caller_interval IS NOT NULL THEN
-        v_wait := kps_charge(1::smallint, p_caller, p_caller_interval, p_caller_window, p_now_us);
+        SELECT * INTO v_wait, v_caller_tat
+        FROM kps_budget(1::smallint, p_caller, p_caller_interval, p_caller_window, p_now_us);
         IF v_wait > 0 THEN
             DELETE FROM claim_replays r WHERE r.caller = p_caller AND r.idem_key = p_key;
             RETURN QUERY SELECT 'caller'::text, v_wait, 0::bigint, NULL::bytea, NULL::text,
@@ -135,8 +138,9 @@ BEGIN
         END IF;
     END IF;
     IF p_pair_interval IS NOT NULL THEN
-        v_wait := kps_charge(2::smallint, p_caller || ' ' || p_target, p_pair_interval,
-                             p_pair_window, p_now_us);
+        SELECT * INTO v_wait, v_pair_tat
+        FROM kps_budget(2::smallint, p_caller || ' ' || p_target, p_pair_interval,
+                        p_pair_window, p_now_us);
         IF v_wait > 0 THEN
             DELETE FROM claim_replays r WHERE r.caller = p_caller AND r.idem_key = p_key;
             RETURN QUERY SELECT 'pair'::text, v_wait, 0::bigint, NULL::bytea, NULL::text,
@@ -144,13 +148,19 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    v_wait := kps_charge(0::smallint, p_target, p_target_interval, p_target_window, p_now_us);
+    SELECT * INTO v_wait, v_target_tat
+    FROM kps_budget(0::smallint, p_target, p_target_interval, p_target_window, p_now_us);
     IF v_wait > 0 THEN
         DELETE FROM claim_replays r WHERE r.caller = p_caller AND r.idem_key = p_key;
         RETURN QUERY SELECT 'target'::text, v_wait, 0::bigint, NULL::bytea, NULL::text,
             NULL::boolean, NULL::integer, NULL::bytea, NULL::bytea;
         RETURN;
     END IF;
+    UPDATE consume_budgets b SET tat_us = v_caller_tat
+    WHERE v_caller_tat IS NOT NULL AND b.scope = 1 AND b.subject = p_caller;
+    UPDATE consume_budgets b SET tat_us = v_pair_tat
+    WHERE v_pair_tat IS NOT NULL AND b.scope = 2 AND b.subject = p_caller || ' ' || p_target;
+    UPDATE consume_budgets b SET tat_us = v_target_tat WHERE b.scope = 0 AND b.subject = p_target;
 
     PERFORM 1 FROM users u WHERE u.user_id = p_target FOR SHARE;
     v_now := COALESCE(p_now_us, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint);

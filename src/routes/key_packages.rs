@@ -102,16 +102,16 @@ pub(crate) async fn consume_key_package(
     let started = clock::unix_micros();
     let limits = &state.limits;
     let limiter = &state.limiter;
-    let _in_flight = match &key {
-        Some(key) => Some(
-            limiter
-                .begin_keyed(&caller, key.as_str())
-                .ok_or(ApiError::IdempotencyInProgress)?,
+    let (_in_flight, admission) = match &key {
+        Some(key) => (
+            Some(
+                limiter
+                    .begin_keyed(&caller, key.as_str())
+                    .ok_or(ApiError::IdempotencyInProgress)?,
+            ),
+            None,
         ),
-        None => {
-            limiter.check(&caller, &target, started)?;
-            None
-        }
+        None => (None, Some(limiter.admit(&caller, &target, started)?)),
     };
     let claim = Claim {
         suites: &suites,
@@ -136,7 +136,10 @@ pub(crate) async fn consume_key_package(
         ConsumeOutcome::Replayed(_) | ConsumeOutcome::KeyReused => Settled::Untouched,
         _ => Settled::Charged,
     };
-    limiter.settle(&caller, &target, started, settled);
+    match admission {
+        Some(admission) => admission.settle(started, settled),
+        None => limiter.observe(&caller, &target, started, settled),
+    }
     let (package, replayed) = match consumption.outcome {
         ConsumeOutcome::RateLimited { retry_after, scope } => {
             return Err(ApiError::RateLimited { retry_after, scope })

@@ -58,7 +58,12 @@ macro_rules! conformance_tests {
             the_last_resort_package_qualifies_only_for_its_suite,
             a_handed_out_package_carries_its_facts,
             lifetimes_beyond_i64_compare_as_u64,
-            the_status_describes_the_servable_inventory
+            the_status_describes_the_servable_inventory,
+            claim_stages_are_judged_in_order_and_a_refusal_charges_no_stage,
+            claim_stages_that_are_off_refuse_nothing,
+            a_keyed_claim_replays_its_package_and_charges_nothing,
+            a_key_belongs_to_its_caller_and_its_first_target,
+            only_hand_outs_are_remembered_and_only_for_their_time_to_live
         );
     };
     (@expand [table] $($case:ident),* $(,)?) => {
@@ -1114,4 +1119,221 @@ async fn the_status_describes_the_servable_inventory(store: &dyn KeyPackageStore
     assert_eq!(opaque_only.inventory_digest, digest(&[&opaque]));
     store.delete_all(&user("bob")).await.expect("delete");
     assert!(status(store, "bob").await.inventory_digest.is_empty());
+}
+
+// ---- v1.1: fair and idempotent claims ----------------------------------------------------
+
+/// A claim by `caller` for `target` at `now_s` (seconds) with these stage budgets and key.
+async fn claim_by(
+    store: &dyn KeyPackageStore,
+    caller: &str,
+    target: &str,
+    budgets: crate::rate_limit::ClaimBudgets,
+    key: Option<&str>,
+    now_s: i64,
+) -> ConsumeOutcome {
+    let (caller, target) = (user(caller), user(target));
+    let key = key.map(|k| crate::key_package::IdempotencyKey::parse(k.as_bytes()).expect("key"));
+    store
+        .consume(&Claim {
+            caller: Some(super::Caller {
+                id: &caller,
+                budget: budgets.caller,
+                pair_budget: budgets.pair,
+                idempotency: key.as_ref().map(|k| (k, Duration::from_secs(60))),
+            }),
+            now_us: Some(now_s * 1_000_000),
+            ..Claim::new(&target, budgets.target)
+        })
+        .await
+        .expect("consume")
+        .outcome
+}
+
+fn refused_by(outcome: &ConsumeOutcome) -> Option<crate::rate_limit::Scope> {
+    match outcome {
+        ConsumeOutcome::RateLimited { scope, .. } => Some(*scope),
+        _ => None,
+    }
+}
+
+/// The caller's budget, then the pair's, then the target's: the first that refuses answers,
+/// and a refused claim is charged at no stage, after it or before it.
+async fn claim_stages_are_judged_in_order_and_a_refusal_charges_no_stage(
+    store: &dyn KeyPackageStore,
+) {
+    use crate::rate_limit::{ClaimBudgets, Scope};
+    let budgets = ClaimBudgets::per_minute(3, 1, 2);
+    for who in ["bob", "erin"] {
+        let tags = tags(who, 0..5);
+        put(store, who, &upload(&strs(&tags), None, None)).await;
+    }
+    let at = NOW_UNIX;
+    let first = claim_by(store, "alice", "bob", budgets, None, at).await;
+    assert!(matches!(first, ConsumeOutcome::Consumed(_)), "{first:?}");
+    let again = claim_by(store, "alice", "bob", budgets, None, at).await;
+    assert_eq!(refused_by(&again), Some(Scope::Pair));
+    // The pair refusal did not charge bob's budget: carol still gets the second of two.
+    let carol = claim_by(store, "carol", "bob", budgets, None, at).await;
+    assert!(matches!(carol, ConsumeOutcome::Consumed(_)), "{carol:?}");
+    let dave = claim_by(store, "dave", "bob", budgets, None, at).await;
+    assert_eq!(refused_by(&dave), Some(Scope::Target));
+    // Nor alice's own budget: bob, erin and an empty frank make her three.
+    let erin = claim_by(store, "alice", "erin", budgets, None, at).await;
+    assert!(matches!(erin, ConsumeOutcome::Consumed(_)), "{erin:?}");
+    let frank = claim_by(store, "alice", "frank", budgets, None, at).await;
+    assert_eq!(frank, ConsumeOutcome::Empty);
+    let gina = claim_by(store, "alice", "gina", budgets, None, at).await;
+    assert_eq!(refused_by(&gina), Some(Scope::Caller));
+    assert_eq!(
+        gina,
+        ConsumeOutcome::RateLimited {
+            retry_after: Duration::from_secs(20),
+            scope: Scope::Caller
+        },
+        "one of three per minute refills every 20 s"
+    );
+    assert_eq!(
+        status(store, "bob").await.regular_count,
+        3,
+        "two handed out"
+    );
+}
+
+/// Stages that are off charge and refuse nothing: only the target's budget counts.
+async fn claim_stages_that_are_off_refuse_nothing(store: &dyn KeyPackageStore) {
+    use crate::rate_limit::{ClaimBudgets, Scope};
+    let budgets = ClaimBudgets::per_minute(0, 0, 4);
+    for i in 0..4 {
+        let got = claim_by(store, "alice", "bob", budgets, None, NOW_UNIX).await;
+        assert_eq!(got, ConsumeOutcome::Empty, "claim {i}");
+    }
+    let fifth = claim_by(store, "alice", "bob", budgets, None, NOW_UNIX).await;
+    assert_eq!(refused_by(&fifth), Some(Scope::Target));
+}
+
+/// A claim with a key that handed out a package replays it for the same caller and target:
+/// the same package and facts, nothing consumed, no budget charged, the last-resort hand-out
+/// not counted again.
+async fn a_keyed_claim_replays_its_package_and_charges_nothing(store: &dyn KeyPackageStore) {
+    use crate::rate_limit::ClaimBudgets;
+    let budgets = ClaimBudgets::per_minute(600, 3, 2);
+    let lr = readable("lr", 1, later(1_000));
+    put(
+        store,
+        "bob",
+        &upload_at_now(vec![(readable("a", 1, later(1_000)), false), (lr, true)]),
+    )
+    .await;
+    let first = claim_by(store, "alice", "bob", budgets, Some("k1"), NOW_UNIX).await;
+    let ConsumeOutcome::Consumed(package) = first else {
+        panic!("expected a package, got {first:?}");
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            claim_by(store, "alice", "bob", budgets, Some("k1"), NOW_UNIX).await,
+            ConsumeOutcome::Replayed(package.clone())
+        );
+    }
+    // Neither the pair's budget (3) nor the target's (2) was charged by the replays.
+    let lr_claim = claim_by(store, "alice", "bob", budgets, Some("k2"), NOW_UNIX).await;
+    let ConsumeOutcome::Consumed(lr_package) = lr_claim else {
+        panic!("expected the last-resort package, got {lr_claim:?}");
+    };
+    assert!(lr_package.is_last_resort);
+    assert_eq!(status(store, "bob").await.last_resort_handouts, 1);
+    assert_eq!(
+        claim_by(store, "alice", "bob", budgets, Some("k2"), NOW_UNIX).await,
+        ConsumeOutcome::Replayed(lr_package)
+    );
+    let after = status(store, "bob").await;
+    assert_eq!((after.regular_count, after.last_resort_handouts), (0, 1));
+    let spent = claim_by(store, "carol", "bob", budgets, None, NOW_UNIX).await;
+    assert_eq!(
+        refused_by(&spent),
+        Some(crate::rate_limit::Scope::Target),
+        "two claims charged the target, the replays none"
+    );
+}
+
+/// A key belongs to its caller and its first target: another target is `KeyReused` (charging
+/// nothing), another caller's same key is a claim of its own.
+async fn a_key_belongs_to_its_caller_and_its_first_target(store: &dyn KeyPackageStore) {
+    use crate::rate_limit::ClaimBudgets;
+    let budgets = ClaimBudgets::per_minute(2, 3, 10);
+    put(store, "bob", &upload(&["b1", "b2"], None, None)).await;
+    put(store, "erin", &upload(&["e1"], None, None)).await;
+    let got = claim_by(store, "alice", "bob", budgets, Some("same"), NOW_UNIX).await;
+    assert!(matches!(got, ConsumeOutcome::Consumed(_)));
+    for _ in 0..3 {
+        assert_eq!(
+            claim_by(store, "alice", "erin", budgets, Some("same"), NOW_UNIX).await,
+            ConsumeOutcome::KeyReused
+        );
+    }
+    // Not charged: alice's budget of two still has one left.
+    let erin = claim_by(store, "alice", "erin", budgets, None, NOW_UNIX).await;
+    assert_eq!(bytes_of(erin), package("e1"));
+    let carol = claim_by(store, "carol", "bob", budgets, Some("same"), NOW_UNIX).await;
+    assert_eq!(bytes_of(carol), package("b2"), "carol's key is her own");
+}
+
+/// Only hand-outs are remembered: a 404 or a refusal with a key leaves the key free, and a
+/// remembered key is free again once its time to live has passed (then pruned).
+async fn only_hand_outs_are_remembered_and_only_for_their_time_to_live(
+    store: &dyn KeyPackageStore,
+) {
+    use crate::rate_limit::{ClaimBudgets, Scope};
+    let budgets = ClaimBudgets::per_minute(600, 1, 10);
+    let empty = claim_by(store, "alice", "bob", budgets, Some("k"), NOW_UNIX).await;
+    assert_eq!(empty, ConsumeOutcome::Empty);
+    put(store, "bob", &upload(&["b1", "b2", "b3"], None, None)).await;
+    let refused = claim_by(store, "alice", "bob", budgets, Some("k"), NOW_UNIX).await;
+    assert_eq!(
+        refused_by(&refused),
+        Some(Scope::Pair),
+        "the 404 took the pair's one"
+    );
+    let later = NOW_UNIX + 60;
+    let first = claim_by(store, "alice", "bob", budgets, Some("k"), later).await;
+    assert_eq!(
+        bytes_of(first),
+        package("b1"),
+        "neither the 404 nor the 429 was replayed"
+    );
+    assert!(matches!(
+        claim_by(store, "alice", "bob", budgets, Some("k"), later + 59).await,
+        ConsumeOutcome::Replayed(_)
+    ));
+    assert_eq!(
+        store
+            .prune_replays(Some((later + 59) * 1_000_000), 100)
+            .await
+            .unwrap(),
+        0,
+        "not expired yet"
+    );
+    let expired = claim_by(store, "alice", "bob", budgets, Some("k"), later + 60).await;
+    assert_eq!(
+        bytes_of(expired),
+        package("b2"),
+        "the key is free after its 60 s"
+    );
+    put(store, "bob", &upload(&["b4"], None, None)).await;
+    let other = claim_by(store, "alice", "bob", budgets, Some("k2"), later + 120).await;
+    assert!(matches!(other, ConsumeOutcome::Consumed(_)));
+    assert_eq!(
+        store
+            .prune_replays(Some((later + 180) * 1_000_000), 100)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .prune_replays(Some((later + 180) * 1_000_000), 100)
+            .await
+            .unwrap(),
+        0
+    );
 }

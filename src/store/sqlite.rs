@@ -447,7 +447,8 @@ impl KeyPackageStore for SqliteStore {
             }
         }
 
-        // The stages in order; a refusal stops there, keeping what the earlier ones charged.
+        // The stages in order; the first refusal answers, and a refused claim is charged at no
+        // stage. Once every stage passes, all are charged.
         let stages = [
             (
                 Scope::Caller,
@@ -465,17 +466,29 @@ impl KeyPackageStore for SqliteStore {
                 Some(target.as_str().to_owned()),
             ),
         ];
+        let mut charges = Vec::with_capacity(stages.len());
         for (scope, budget, subject) in stages {
             let (Some(budget), Some(subject)) = (budget, subject) else {
                 continue;
             };
-            if let Err(retry_after) = charge(&mut tx, scope, &subject, budget, now_us).await? {
-                tx.commit().await?;
-                return Ok(untouched(ConsumeOutcome::RateLimited {
-                    retry_after,
-                    scope,
-                }));
+            match judge(&mut tx, scope, &subject, budget, now_us).await? {
+                Ok(next_tat) => charges.push((scope, subject, next_tat)),
+                Err(retry_after) => {
+                    tx.commit().await?;
+                    return Ok(untouched(ConsumeOutcome::RateLimited {
+                        retry_after,
+                        scope,
+                    }));
+                }
             }
+        }
+        for (scope, subject, next_tat) in charges {
+            sqlx::query(CHARGE_BUDGET)
+                .bind(scope_number(scope))
+                .bind(subject)
+                .bind(next_tat)
+                .execute(&mut *tx)
+                .await?;
         }
 
         let expired_removed = sqlx::query(DROP_EXPIRED)
@@ -635,34 +648,31 @@ pub(crate) fn pair_subject(caller: &UserId, target: &UserId) -> String {
     format!("{caller} {target}")
 }
 
-/// Charges the budget (`scope`, `subject`) at `now_us` inside the write transaction; `Err`
-/// with the wait when it refuses (a state written by a clock that ran ahead is cut back).
-async fn charge(
+/// Judges one more request on the budget (`scope`, `subject`) at `now_us` inside the write
+/// transaction, charging nothing: `Ok` with the state to store if the claim goes ahead, `Err`
+/// with the wait when it refuses (a state written by a clock that ran ahead is cut back then).
+async fn judge(
     tx: &mut sqlx::SqliteConnection,
     scope: Scope,
     subject: &str,
     budget: Budget,
     now_us: i64,
-) -> Result<Result<(), std::time::Duration>, StoreError> {
+) -> Result<Result<i64, std::time::Duration>, StoreError> {
     let tat: Option<i64> = sqlx::query_scalar(BUDGET_TAT)
         .bind(scope_number(scope))
         .bind(subject)
         .fetch_optional(&mut *tx)
         .await?;
-    let (write, decided) = match budget.decide(tat, now_us) {
-        Ok(new_tat) => (Some(new_tat), Ok(())),
-        // Cut back a state written by a clock that ran ahead, so it refills from now.
-        Err(wait) => (
-            tat.map(|t| budget.clamp(t, now_us))
-                .filter(|&c| Some(c) < tat),
-            Err(wait),
-        ),
-    };
-    if let Some(new_tat) = write {
+    let decided = budget.decide(tat, now_us);
+    // Cut back a state written by a clock that ran ahead, so it refills from now.
+    let clamped = tat
+        .map(|t| budget.clamp(t, now_us))
+        .filter(|&c| Some(c) < tat);
+    if let (Err(_), Some(clamped)) = (decided, clamped) {
         sqlx::query(CHARGE_BUDGET)
             .bind(scope_number(scope))
             .bind(subject)
-            .bind(new_tat)
+            .bind(clamped)
             .execute(&mut *tx)
             .await?;
     }

@@ -8,6 +8,7 @@ mod harness;
 mod attack;
 mod auth;
 mod backfill;
+mod claims;
 mod cold_start;
 mod consume;
 mod consume_v11;

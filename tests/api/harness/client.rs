@@ -9,7 +9,8 @@ use prost::Message;
 
 use super::{decode, token, upload_request};
 
-/// A client for one server.
+/// A client for one server; clones share the connection pool.
+#[derive(Clone)]
 pub(crate) struct ApiClient {
     /// `http://127.0.0.1:PORT`.
     pub(crate) base: String,
