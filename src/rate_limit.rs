@@ -243,15 +243,6 @@ impl ClaimBudgets {
             target: Budget::per_minute(target),
         }
     }
-
-    /// Only the target's budget, as v1 had.
-    pub fn target_only(target: Budget) -> Self {
-        Self {
-            caller: None,
-            pair: None,
-            target,
-        }
-    }
 }
 
 /// How a claim ended at the shared budgets, for the pre-check to learn from.
