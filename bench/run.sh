@@ -6,6 +6,9 @@
 #                                           then server RSS while 1M distinct targets are requested
 #   bench/run.sh compare [sqlite|postgres]  consume and upload of openmls packages, the build of
 #                                           BASELINE (a git revision) beside this one, alternately
+#   bench/run.sh stages [sqlite|postgres]   consume with the caller and pair limits on (STAGES,
+#                                           default 600/3) beside them off, alternately, many
+#                                           callers; then one token flooding distinct targets
 #
 # Everything runs on this machine: the server, the database and the load generator share the
 # cores. Every load loop is bounded in time and count and targets 127.0.0.1 only.
@@ -22,6 +25,7 @@
 #   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
 #   OUT=/tmp/kps-bench-<time>             where logs and results go
 #   BASELINE=<rev> ROUNDS=2 COMPARE_SCENARIOS="consume upload"   for compare
+#   STAGES="600 3" FLOOD_TARGETS=100000   for stages (ROUNDS too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -316,6 +320,60 @@ compare() { # backend
   done
 }
 
+# The same build with every stage on and with the per-caller stages off, alternately on fresh
+# databases; consumers are WRITERS distinct callers (request k by caller k mod WRITERS). Then
+# one token asks for FLOOD_TARGETS distinct users with the stages on: after its caller budget
+# the server refuses from memory, which the database's CPU per request shows.
+stages() { # backend
+  local backend=$1 rounds=${ROUNDS:-2} on=${STAGES:-600 3} flood=${FLOOD_TARGETS:-100000}
+  local db_args=() conns round variant
+  for round in $(seq 1 "$rounds"); do
+    for variant in off on; do
+      if [[ "$variant" == on ]]; then
+        read -r CALLER_BUDGET PAIR_BUDGET <<<"$on"
+      else
+        CALLER_BUDGET=0 PAIR_BUDGET=0
+      fi
+      fresh_db "$backend"
+      db_args=()
+      [[ "$backend" == postgres ]] && db_args=(--db-comm postgres --db-name "$PG_DB")
+      "$BENCH" seed --database-url "$DB_URL" --users "$USERS" --size "$SIZE" 2>&1 | tail -n1 | tee -a "$RESULTS"
+      start_server
+      for conns in $CONNS; do
+        bench_run consume "$conns" "$variant-$round" "${db_args[@]}"
+      done
+      stop_server
+    done
+  done
+  log "## $backend: one token asking for $flood distinct targets, caller limit ${on%% *}/min"
+  read -r CALLER_BUDGET PAIR_BUDGET <<<"$on"
+  fresh_db "$backend"
+  db_args=()
+  [[ "$backend" == postgres ]] && db_args=(--db-comm postgres --db-name "$PG_DB")
+  start_server
+  "$BENCH" run consume --url "$URL" -c "${CONNS##* }" -d "$DURATION" --warmup 0 \
+    --max-requests "$flood" --users "$flood" --writers 1 --label flood \
+    --server-pid "$SERVER_PID" "${db_args[@]}" | tee -a "$RESULTS"
+  stop_server
+  CALLER_BUDGET=0 PAIR_BUDGET=0
+  log ""
+  log "## $backend: consume with every stage on over the per-caller stages off, ops/s summed over rounds"
+  for conns in $CONNS; do
+    local off_sum=0 on_sum=0 v
+    for round in $(seq 1 "$rounds"); do
+      v=$(grep "^RESULT label=off-$round scenario=consume op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+      off_sum=$(awk -v a="$off_sum" -v b="${v:-0}" 'BEGIN{print a+b}')
+      v=$(grep "^RESULT label=on-$round scenario=consume op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
+      on_sum=$(awk -v a="$on_sum" -v b="${v:-0}" 'BEGIN{print a+b}')
+    done
+    log "RATIO stages $backend consume c=$conns off=$(awk -v a="$off_sum" -v r="$rounds" 'BEGIN{printf "%.1f", a/r}') on=$(awk -v a="$on_sum" -v r="$rounds" 'BEGIN{printf "%.1f", a/r}') on/off=$(ratio "$on_sum" "$off_sum")"
+  done
+  grep "^RESULT label=flood scenario=consume op=consume " "$RESULTS" | tail -n1 \
+    | sed -n 's/.* rps=\([0-9.]*\).* outcomes=\([^ ]*\).*/FLOOD '"$backend"' rps=\1 outcomes=\2/p' | tee -a "$RESULTS" >&2
+  grep "^RESULT label=flood scenario=consume op=all " "$RESULTS" | tail -n1 | grep -o 'db_cpu_us=[0-9.]*' \
+    | sed "s/^/FLOOD $backend /" | tee -a "$RESULTS" >&2 || true
+}
+
 build
 machine
 case "$MODE" in
@@ -323,8 +381,9 @@ case "$MODE" in
   both) scenarios sqlite && scenarios postgres ;;
   growth) growth "${2:-sqlite}" ;;
   compare) compare "${2:-sqlite}" ;;
-  *) echo "usage: bench/run.sh [sqlite|postgres|both] | growth [sqlite|postgres] | compare [sqlite|postgres]" >&2; exit 2 ;;
+  stages) stages "${2:-sqlite}" ;;
+  *) echo "usage: bench/run.sh [sqlite|postgres|both] | growth [sqlite|postgres] | compare [sqlite|postgres] | stages [sqlite|postgres]" >&2; exit 2 ;;
 esac
 log "# load at the end: $(uptime | sed 's/.*load average/load average/')"
 log "# results: $RESULTS"
-grep -E '^(RATIO|GROWTH)' "$RESULTS" >&2 || true
+grep -E '^(RATIO|GROWTH|FLOOD)' "$RESULTS" >&2 || true

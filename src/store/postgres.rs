@@ -125,7 +125,7 @@ SELECT count(*) FROM inserted";
 /// One claim: the `kps_claim` function of the migrations, which takes the caller's
 /// idempotency key, charges the caller's, the pair's and the target's budgets in that order by
 /// the database's clock, removes expired packages and hands out a package, in one transaction
-/// and one round trip (see `migrations/postgres/0004_claims.sql`).
+/// and one round trip (see `migrations/postgres/0004_claims.sql` and `0005_claim_one_pass.sql`).
 ///
 /// $1 target, $2 caller or NULL, $3 idempotency key or NULL, $4 its time to live (µs), $5 now
 /// (µs) or NULL for the database's clock, $6 accepted suites or NULL for any; refill interval

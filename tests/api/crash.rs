@@ -289,3 +289,60 @@ async fn a_killed_server_leaves_uploads_whole_or_absent_and_hands_nothing_out_tw
         ledger.handed_out.len() - before
     );
 }
+
+/// A claim with an `Idempotency-Key` whose response the client never read, then SIGKILL: the
+/// retry to the restarted server replays the package that claim took (the record was
+/// committed with the hand-out, not kept in the dead process), and takes no other.
+#[tokio::test]
+async fn a_claim_lost_to_a_sigkill_is_replayed_by_the_restarted_server() {
+    use tokio::io::AsyncWriteExt;
+
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let mut server = ServerProcess::start_on(&db, &dir, &[]).await;
+    let entries: Vec<_> = (0..3).map(|i| (kp(&format!("lost{i}")), false)).collect();
+    server.upload("bob", &entries, "").await;
+
+    // The claim goes out on a connection nobody reads; once the package is gone from bob's
+    // inventory, the hand-out is committed, and the server dies.
+    let request = raw_request(
+        "GET",
+        b"/api/v1/key-packages/bob",
+        &[bearer_line("alice"), b"Idempotency-Key: lost-1".to_vec()],
+        b"",
+    );
+    let mut unread = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    unread.write_all(&request).await.expect("send the claim");
+    let deadline = Instant::now() + PROCESS_PATIENCE;
+    while server.status("bob").await.regular_count == 3 {
+        assert!(Instant::now() < deadline, "the claim was never handled");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    server.kill().await;
+    drop(unread);
+
+    let server = ServerProcess::start_on(&db, &dir, &[]).await;
+    let retry = server
+        .client
+        .get(server.url("/api/v1/key-packages/bob"))
+        .bearer_auth(token("alice"))
+        .header("idempotency-key", "lost-1")
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let replayed: keypackage_server::wire::KeyPackageResponse = decode(retry).await;
+    assert_eq!(
+        replayed.key_package_data.to_vec(),
+        entries[0].0,
+        "the oldest package, the one the lost claim took"
+    );
+    assert_eq!(
+        server.status("bob").await.regular_count,
+        2,
+        "nothing else taken"
+    );
+}

@@ -1,18 +1,19 @@
 //! Model-based property tests: random sequences of uploads (valid and invalid, with duplicates,
 //! last-resort entries, readable packages of several suites and lifetimes, opaque ones),
-//! consumptions with and without suite filters, deletes and reads for a few users, on a clock
-//! that moves so packages expire, applied both to the store under test and to a plain in-memory
-//! model of the contract. Every observable result must match. Runs on the backend the suite
+//! consumptions with and without suite filters by a few callers (with and without
+//! idempotency keys, under caller, pair and target budgets that each case draws), deletes and
+//! reads for a few users, on a clock that moves so packages expire and budgets refill, applied
+//! both to the store under test and to a plain in-memory model of the contract. Every observable result must match. Runs on the backend the suite
 //! targets (SQLite, or Postgres with TEST_DATABASE_URL).
 
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use keypackage_server::{
-    key_package::{Fingerprint, UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
+    key_package::{Fingerprint, IdempotencyKey, UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
     mls_codec,
-    rate_limit::Budget,
-    store::{Claim, ConsumeOutcome, KeyPackageStore, Status, Upload},
+    rate_limit::{Budget, Scope},
+    store::{Caller, Claim, ConsumeOutcome, Consumed, KeyPackageStore, Status, Upload},
 };
 use proptest::{prelude::*, test_runner::TestRunner};
 use sha2::{Digest, Sha256};
@@ -24,6 +25,31 @@ const KEY: &[u8] = &[7; 32];
 
 /// The clock at step 0 (Unix seconds); each step is one second later.
 const T0: i64 = 1_700_000_000;
+
+/// How long a claim's idempotency key is remembered, in steps.
+const KEY_TTL_SECS: i64 = 12;
+
+/// The budgets of one case, per minute; `None` turns a per-caller stage off. They are small,
+/// so that with one step per second buckets run dry and refill within a case.
+#[derive(Clone, Copy, Debug)]
+struct Budgets {
+    caller: Option<u32>,
+    pair: Option<u32>,
+    target: u32,
+}
+
+fn budgets() -> impl Strategy<Value = Budgets> {
+    (
+        prop_oneof![Just(None), Just(Some(3)), Just(Some(6))],
+        prop_oneof![Just(None), Just(Some(2))],
+        prop_oneof![Just(4), Just(1_000_000)],
+    )
+        .prop_map(|(caller, pair, target)| Budgets {
+            caller,
+            pair,
+            target,
+        })
+}
 
 /// One entry of a generated upload.
 #[derive(Clone, Debug)]
@@ -62,8 +88,15 @@ enum Op {
         /// 0 = no fingerprint, 1..=2 = one of two valid ones, 3 = an invalid one.
         fingerprint: u8,
     },
-    /// A consumption accepting these suites (empty: any).
-    Consume(usize, Vec<u16>),
+    /// A consumption of `target`'s package accepting `suites` (empty: any), by nobody in
+    /// particular (only the target's budget applies) or by one of three callers, who may send
+    /// one of three idempotency keys.
+    Consume {
+        target: usize,
+        suites: Vec<u16>,
+        caller: Option<usize>,
+        key: Option<u8>,
+    },
     Delete(usize),
     Status(usize),
     Fingerprint(usize),
@@ -98,7 +131,18 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0usize..3, prop::collection::vec(entry(), 0..14), 0u8..4).prop_map(
             |(user, entries, fingerprint)| Op::Upload { user, entries, fingerprint }
         ),
-        4 => (0usize..3, suites()).prop_map(|(user, suites)| Op::Consume(user, suites)),
+        5 => (
+            0usize..3,
+            suites(),
+            prop::option::weighted(0.8, 0usize..3),
+            prop::option::weighted(0.5, 0u8..3),
+        )
+            .prop_map(|(target, suites, caller, key)| Op::Consume {
+                target,
+                suites,
+                caller,
+                key: key.filter(|_| caller.is_some()),
+            }),
         1 => (0usize..3).prop_map(Op::Delete),
         1 => (0usize..3).prop_map(Op::Status),
         1 => (0usize..3).prop_map(Op::Fingerprint),
@@ -261,12 +305,140 @@ impl UserModel {
     }
 }
 
-async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// A token bucket, kept in µs of refill time: a request costs one interval and needs a whole
+/// one available. (The store's GCRA arithmetic must agree with this plainer form.)
+#[derive(Debug)]
+struct Bucket {
+    available_us: i64,
+    at_us: i64,
+}
+
+/// Every stage's buckets and the remembered claims, as the contract describes them.
+#[derive(Default, Debug)]
+struct ClaimModel {
+    /// By stage and subject: a caller, a caller and target, or a target.
+    buckets: HashMap<(Scope, (Option<usize>, usize)), Bucket>,
+    /// By caller and key: the target, when the record expires, and what was handed out.
+    replays: HashMap<(usize, u8), (usize, i64, Held, bool)>,
+}
+
+impl ClaimModel {
+    /// The time until `per_minute`'s bucket for `subject` holds one request, `None` if it does.
+    fn wait(
+        &self,
+        scope: Scope,
+        subject: (Option<usize>, usize),
+        per_minute: u32,
+        now_us: i64,
+    ) -> Option<i64> {
+        let interval = 60_000_000 / i64::from(per_minute);
+        let full = interval * i64::from(per_minute);
+        let available = self
+            .buckets
+            .get(&(scope, subject))
+            .map_or(full, |b| (b.available_us + (now_us - b.at_us)).min(full));
+        (available < interval).then_some(interval - available)
+    }
+
+    fn charge(
+        &mut self,
+        scope: Scope,
+        subject: (Option<usize>, usize),
+        per_minute: u32,
+        now_us: i64,
+    ) {
+        let interval = 60_000_000 / i64::from(per_minute);
+        let full = interval * i64::from(per_minute);
+        let bucket = self.buckets.entry((scope, subject)).or_insert(Bucket {
+            available_us: full,
+            at_us: now_us,
+        });
+        bucket.available_us = (bucket.available_us + (now_us - bucket.at_us)).min(full) - interval;
+        bucket.at_us = now_us;
+    }
+
+    /// The stages in order, caller, pair, target: the first that refuses answers, and then
+    /// none is charged; otherwise all are.
+    fn admit(
+        &mut self,
+        budgets: Budgets,
+        caller: Option<usize>,
+        target: usize,
+        now_us: i64,
+    ) -> Result<(), ConsumeOutcome> {
+        let mut stages = Vec::new();
+        if let (Some(c), Some(per_minute)) = (caller, budgets.caller) {
+            stages.push((Scope::Caller, (Some(c), usize::MAX), per_minute));
+        }
+        if let (Some(c), Some(per_minute)) = (caller, budgets.pair) {
+            stages.push((Scope::Pair, (Some(c), target), per_minute));
+        }
+        stages.push((Scope::Target, (None, target), budgets.target));
+        for &(scope, subject, per_minute) in &stages {
+            if let Some(wait) = self.wait(scope, subject, per_minute, now_us) {
+                return Err(ConsumeOutcome::RateLimited {
+                    retry_after: std::time::Duration::from_micros(wait as u64),
+                    scope,
+                });
+            }
+        }
+        for (scope, subject, per_minute) in stages {
+            self.charge(scope, subject, per_minute, now_us);
+        }
+        Ok(())
+    }
+}
+
+/// What the model expects of a consumption: a package (replayed or not) or an outcome
+/// without one.
+enum Expected {
+    Package {
+        held: Held,
+        last_resort: bool,
+        replayed: bool,
+    },
+    Other(ConsumeOutcome),
+}
+
+/// Compares a package the store handed out with the model's.
+fn same_package(
+    step: usize,
+    c: &Consumed,
+    held: &Held,
+    last_resort: bool,
+) -> Result<(), TestCaseError> {
+    let (bytes, fp, facts) = held;
+    prop_assert_eq!(&c.key_package.to_vec(), bytes, "step {}: bytes", step);
+    prop_assert_eq!(c.is_last_resort, last_resort, "step {}: flag", step);
+    let got_fp = c
+        .fingerprint
+        .as_ref()
+        .map(|f| f.as_str().to_owned())
+        .unwrap_or_default();
+    prop_assert_eq!(&got_fp, fp, "step {}: package fingerprint", step);
+    let got_facts = c.facts.as_ref().map(|f| (f.cipher_suite, f.not_after));
+    prop_assert_eq!(&got_facts, facts, "step {}: facts", step);
+    Ok(())
+}
+
+async fn check(
+    store: &dyn KeyPackageStore,
+    case: u64,
+    budgets: Budgets,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
     let users: Vec<UserId> = (0..3)
         .map(|i| UserId::parse(&format!("case{case}-user{i}")).expect("valid id"))
         .collect();
+    let callers: Vec<UserId> = (0..3)
+        .map(|i| UserId::parse(&format!("case{case}-caller{i}")).expect("valid id"))
+        .collect();
+    let keys: Vec<IdempotencyKey> = (0..3)
+        .map(|i| IdempotencyKey::parse(format!("key-{i}").as_bytes()).expect("valid key"))
+        .collect();
     let mut model: HashMap<usize, UserModel> = HashMap::new();
-    let budget = Budget::per_minute(1_000_000);
+    let mut claims = ClaimModel::default();
+    let ttl = std::time::Duration::from_secs(KEY_TTL_SECS as u64);
     for (step, op) in ops.into_iter().enumerate() {
         let now = T0 + step as i64;
         match op {
@@ -308,34 +480,90 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
                     }
                 }
             }
-            Op::Consume(user, suites) => {
+            Op::Consume {
+                target,
+                suites,
+                caller,
+                key,
+            } => {
+                let now_us = now * 1_000_000;
                 let claim = Claim {
+                    caller: caller.map(|c| Caller {
+                        id: &callers[c],
+                        budget: budgets.caller.map(Budget::per_minute),
+                        pair_budget: budgets.pair.map(Budget::per_minute),
+                        idempotency: key.map(|k| (&keys[usize::from(k)], ttl)),
+                    }),
                     suites: &suites,
-                    now_us: Some(now * 1_000_000),
-                    ..Claim::new(&users[user], budget)
+                    now_us: Some(now_us),
+                    ..Claim::new(&users[target], Budget::per_minute(budgets.target))
                 };
                 let got = store
                     .consume(&claim)
                     .await
                     .map_err(|e| TestCaseError::fail(e.to_string()))?
                     .outcome;
-                let expected = model.entry(user).or_default().consume(&suites, now);
+
+                let remembered = caller
+                    .zip(key)
+                    .and_then(|ck| claims.replays.get(&ck))
+                    .filter(|(_, expires, _, _)| now_us < *expires);
+                let expected = match remembered {
+                    Some((t, ..)) if *t != target => Expected::Other(ConsumeOutcome::KeyReused),
+                    Some((_, _, held, last_resort)) => Expected::Package {
+                        held: held.clone(),
+                        last_resort: *last_resort,
+                        replayed: true,
+                    },
+                    None => match claims.admit(budgets, caller, target, now_us) {
+                        Err(refused) => Expected::Other(refused),
+                        Ok(()) => match model.entry(target).or_default().consume(&suites, now) {
+                            Err(outcome) => Expected::Other(outcome),
+                            Ok((held, last_resort)) => {
+                                if let Some(ck) = caller.zip(key) {
+                                    let record = (
+                                        target,
+                                        now_us + KEY_TTL_SECS * 1_000_000,
+                                        held.clone(),
+                                        last_resort,
+                                    );
+                                    claims.replays.insert(ck, record);
+                                }
+                                Expected::Package {
+                                    held,
+                                    last_resort,
+                                    replayed: false,
+                                }
+                            }
+                        },
+                    },
+                };
                 match (got, expected) {
-                    (ConsumeOutcome::Consumed(c), Ok(((bytes, fp, facts), last_resort))) => {
-                        prop_assert_eq!(c.key_package.to_vec(), bytes, "step {}: bytes", step);
-                        prop_assert_eq!(c.is_last_resort, last_resort, "step {}: flag", step);
-                        let got_fp = c
-                            .fingerprint
-                            .map(|f| f.as_str().to_owned())
-                            .unwrap_or_default();
-                        prop_assert_eq!(got_fp, fp, "step {}: package fingerprint", step);
-                        let got_facts = c.facts.map(|f| (f.cipher_suite, f.not_after));
-                        prop_assert_eq!(got_facts, facts, "step {}: facts", step);
-                    }
-                    (got, Err(expected)) if got == expected => {}
-                    (got, expected) => {
+                    (
+                        ConsumeOutcome::Consumed(c),
+                        Expected::Package {
+                            held,
+                            last_resort,
+                            replayed: false,
+                        },
+                    )
+                    | (
+                        ConsumeOutcome::Replayed(c),
+                        Expected::Package {
+                            held,
+                            last_resort,
+                            replayed: true,
+                        },
+                    ) => same_package(step, &c, &held, last_resort)?,
+                    (got, Expected::Other(expected)) if got == expected => {}
+                    (got, Expected::Other(expected)) => {
                         return Err(TestCaseError::fail(format!(
                             "step {step}: store gave {got:?}, model {expected:?}"
+                        )))
+                    }
+                    (got, Expected::Package { replayed, .. }) => {
+                        return Err(TestCaseError::fail(format!(
+                            "step {step}: store gave {got:?}, model a package (replayed: {replayed})"
                         )))
                     }
                 }
@@ -381,6 +609,11 @@ async fn check(store: &dyn KeyPackageStore, case: u64, ops: Vec<Op>) -> Result<(
 }
 
 fn run_model(cases: u32, ops: std::ops::Range<usize>, regressions: Vec<Vec<Op>>) {
+    let unlimited = Budgets {
+        caller: None,
+        pair: None,
+        target: 1_000_000,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -391,7 +624,7 @@ fn run_model(cases: u32, ops: std::ops::Range<usize>, regressions: Vec<Vec<Op>>)
     let counter = std::sync::atomic::AtomicU64::new(0);
     let next_case = || counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for ops in regressions {
-        if let Err(e) = rt.block_on(check(store.as_ref(), next_case(), ops)) {
+        if let Err(e) = rt.block_on(check(store.as_ref(), next_case(), unlimited, ops)) {
             panic!("regression case failed: {e}");
         }
     }
@@ -400,10 +633,13 @@ fn run_model(cases: u32, ops: std::ops::Range<usize>, regressions: Vec<Vec<Op>>)
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let result = runner.run(&prop::collection::vec(op(), ops), |ops| {
-        // Each case gets its own users, so cases never see each other's state.
-        rt.block_on(check(store.as_ref(), next_case(), ops))
-    });
+    let result = runner.run(
+        &(budgets(), prop::collection::vec(op(), ops)),
+        |(budgets, ops)| {
+            // Each case gets its own users and callers, so cases never see each other's state.
+            rt.block_on(check(store.as_ref(), next_case(), budgets, ops))
+        },
+    );
     drop(store);
     rt.block_on(async move { drop(db) });
     if let Err(e) = result {
@@ -447,8 +683,18 @@ fn regression_cases() -> Vec<Vec<Op>> {
                 fingerprint: 1,
             },
             Op::Status(0),
-            Op::Consume(0, vec![]),
-            Op::Consume(0, vec![]),
+            Op::Consume {
+                target: 0,
+                suites: vec![],
+                caller: None,
+                key: None,
+            },
+            Op::Consume {
+                target: 0,
+                suites: vec![],
+                caller: None,
+                key: None,
+            },
         ],
         // Twelve distinct entries in one upload keep only the newest ten.
         vec![
@@ -462,7 +708,12 @@ fn regression_cases() -> Vec<Vec<Op>> {
                 entries: vec![e(0, false), e(9, false), e(10, false), e(11, false)],
                 fingerprint: 0,
             },
-            Op::Consume(1, vec![]),
+            Op::Consume {
+                target: 1,
+                suites: vec![],
+                caller: None,
+                key: None,
+            },
             Op::Status(1),
             Op::Fingerprint(1),
         ],
