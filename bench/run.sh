@@ -23,7 +23,7 @@
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres   (a fresh database is created)
 #   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
 #   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
-#   OUT=/tmp/kps-bench-<time>             where logs and results go
+#   OUT=/tmp/kps-bench-<time>             where logs and results go (charts: $OUT/charts/*.svg)
 #   BASELINE=<rev> ROUNDS=2 COMPARE_SCENARIOS="consume upload"   for compare
 #   STAGES="600 3" FLOOD_TARGETS=100000   for stages (ROUNDS too)
 set -euo pipefail
@@ -386,4 +386,7 @@ case "$MODE" in
 esac
 log "# load at the end: $(uptime | sed 's/.*load average/load average/')"
 log "# results: $RESULTS"
+if command -v python3 >/dev/null 2>&1; then
+  python3 bench/charts.py "$RESULTS" "$OUT/charts" >&2 || true
+fi
 grep -E '^(RATIO|GROWTH|FLOOD)' "$RESULTS" >&2 || true

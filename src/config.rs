@@ -113,6 +113,11 @@ pub struct Config {
           default_missing_value = "true", action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new(), global = true)]
     pub db_pgbouncer: bool,
+    /// Hash-partition the Postgres tables by user into this many partitions each, converting
+    /// plain tables at start (once; existing rows are copied); 0 keeps plain tables.
+    #[arg(long, env = "KPS_POSTGRES_PARTITIONS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1024), global = true)]
+    pub postgres_partitions: u16,
     /// How the embedded SQLite database syncs commits: `full` (every acknowledged write survives
     /// a power cut) or `normal` (faster; the last commits may be lost on power loss).
     #[arg(long, env = "KPS_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSynchronous::Full,
@@ -204,9 +209,16 @@ impl Config {
                 "applies only to a postgres:// DATABASE_URL",
             ));
         }
+        if self.postgres_partitions > 0 && Backend::from_url(&url).ok() != Some(Backend::Postgres) {
+            return Err(config_error(
+                "KPS_POSTGRES_PARTITIONS",
+                "applies only to a postgres:// DATABASE_URL",
+            ));
+        }
         let mut options = ConnectOptions::new(url);
         options.max_connections = self.db_max_connections;
         options.pgbouncer = self.db_pgbouncer;
+        options.postgres_partitions = self.postgres_partitions;
         options.sqlite_synchronous = match self.sqlite_synchronous {
             SqliteSynchronous::Full => Synchronous::Full,
             SqliteSynchronous::Normal => Synchronous::Normal,

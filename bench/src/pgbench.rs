@@ -22,6 +22,11 @@ fn statement(sql: &str) -> String {
     format!("{};\n", sql.trim().trim_end_matches(';'))
 }
 
+/// A statement whose one-row result columns become pgbench variables (`\gset`).
+fn statement_gset(sql: &str) -> String {
+    format!("{} \\gset\n", sql.trim().trim_end_matches(';'))
+}
+
 /// Writes `consume.sql`, `upload.sql` and `mixed.sql` into `out`, uploading packages of `size`
 /// bytes. pgbench variables: `users`, `writers`, `callers`, and the refill interval and window
 /// (µs) of the target's (`interval`, `window`), the caller's (`caller_interval`,
@@ -44,19 +49,31 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
 
     let consume_sql = statement(&bind(
         CONSUME,
-        // NULL: the budget runs on the database's clock, as the server's does.
-        // NULL suites: any package, as a claim without `?ciphersuite=`.
+        // A caller of `callers`, without an idempotency key; NULL now: the budgets run on the
+        // database's clock, as the server's do; NULL suites: any package, as a claim without
+        // `?ciphersuite=`; a per-caller stage of interval 0 is off (NULL), as the server binds it.
         &[
             user,
-            ":interval::bigint",
-            ":window::bigint",
+            "'c' || :c",
+            "NULL::text",
+            "0::bigint",
             "NULL::bigint",
             "NULL::integer[]",
+            ":interval::bigint",
+            ":window::bigint",
+            "NULLIF(:caller_interval, 0)::bigint",
+            "NULLIF(:caller_window, 0)::bigint",
+            "NULLIF(:pair_interval, 0)::bigint",
+            "NULLIF(:pair_window, 0)::bigint",
         ],
     ));
     let mut upload_sql = String::new();
     upload_sql.push_str("BEGIN;\n");
-    upload_sql.push_str(&statement(&bind(LOCK_USER, &[user, fingerprint, now_s])));
+    // The first position of the user's FIFO order the lock reserved, as `:first_seq`.
+    upload_sql.push_str(&statement_gset(&format!(
+        "WITH locked AS ({}) SELECT first_seq FROM locked",
+        bind(LOCK_USER, &[user, fingerprint, now_s, "1::bigint"])
+    )));
     upload_sql.push_str(&statement(&bind(HELD, &[user, &now_key])));
     upload_sql.push_str(&statement(&bind(
         WRITE_PLAN,
@@ -75,6 +92,7 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
             "NULL::integer",
             "NULL::bytea",
             "NULL::bytea",
+            ":first_seq::bigint",
         ],
     )));
     upload_sql.push_str(&statement(&bind(STATUS, &[user, &now_key])));
@@ -102,6 +120,21 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scripts_bind_every_parameter_of_the_stores_statements() {
+        let dir = std::env::temp_dir().join(format!("kps-pgbench-{}", std::process::id()));
+        write_scripts(&dir, 256).unwrap();
+        for name in ["consume.sql", "upload.sql", "mixed.sql"] {
+            let script = std::fs::read_to_string(dir.join(name)).unwrap();
+            let unbound = script
+                .as_bytes()
+                .windows(2)
+                .any(|w| w[0] == b'$' && w[1].is_ascii_digit());
+            assert!(!unbound, "{name} leaves a $n parameter unbound:\n{script}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn parameters_are_replaced_highest_first() {

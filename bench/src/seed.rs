@@ -136,11 +136,12 @@ async fn seed_sqlite(url: &str, p: Population) -> Result<()> {
 }
 
 /// Package bytes and fingerprints are computed by Postgres itself (`sha256`, `md5`), so the
-/// load generator ships no data; ids follow user then package order, like uploads.
+/// load generator ships no data; each user's packages are numbered 1.. in package order, like
+/// uploads, and its next position follows them.
 const PG_SEED_USERS: &str = "\
 INSERT INTO users (user_id, fingerprint, fingerprint_updated_at, last_resort, last_resort_digest,
-                   last_resort_fingerprint)
-SELECT 'u' || i, fp, 1700000000, lr, sha256(lr), CASE WHEN lr IS NULL THEN '' ELSE fp END
+                   last_resort_fingerprint, next_seq)
+SELECT 'u' || i, fp, 1700000000, lr, sha256(lr), CASE WHEN lr IS NULL THEN '' ELSE fp END, $5 + 1
 FROM (
     SELECT i,
            encode(sha256(convert_to('fingerprint:' || i, 'UTF8')), 'hex') AS fp,
@@ -152,8 +153,9 @@ FROM (
 ) AS s";
 
 const PG_SEED_PACKAGES: &str = "\
-INSERT INTO key_packages (user_id, digest, data, fingerprint)
-SELECT 'u' || i, sha256(data), data, encode(sha256(convert_to('fingerprint:' || i, 'UTF8')), 'hex')
+INSERT INTO key_packages (user_id, seq, digest, data, fingerprint)
+SELECT 'u' || i, j + 1, sha256(data), data,
+       encode(sha256(convert_to('fingerprint:' || i, 'UTF8')), 'hex')
 FROM (
     SELECT i, j, substring('\\x00010005'::bytea
                 || convert_to('seed:' || i || ':' || j || ':', 'UTF8')
@@ -177,6 +179,7 @@ async fn seed_postgres(url: &str, p: Population) -> Result<()> {
             .bind(last as i64 - 1)
             .bind(p.last_resort)
             .bind(size)
+            .bind(i64::from(p.packages))
             .execute(&mut *tx)
             .await?;
         sqlx::query(PG_SEED_PACKAGES)

@@ -210,6 +210,9 @@ pub enum ConnectError {
     /// Another process kept the database's start-up lock, or it could not be taken.
     #[error("{0}")]
     Lock(String),
+    /// Converting the Postgres tables to partitions (`KPS_POSTGRES_PARTITIONS`) failed.
+    #[error("partitioning the tables failed: {0}")]
+    Partition(#[source] sqlx::Error),
     /// Applying the migrations failed.
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -313,6 +316,10 @@ pub struct ConnectOptions {
     /// Postgres behind PgBouncer in transaction pooling mode: unnamed statements only, every
     /// call inside a transaction that sets the timeouts itself, no startup `options`.
     pub pgbouncer: bool,
+    /// Postgres tables hash-partitioned by user into this many partitions each (the shape a
+    /// distributed Postgres shards by; see `SCALING.md`); plain tables are converted at start.
+    /// 0: plain tables, as they are.
+    pub postgres_partitions: u16,
 }
 
 impl ConnectOptions {
@@ -327,6 +334,7 @@ impl ConnectOptions {
             sqlite_synchronous: sqlite::Synchronous::default(),
             call_timeout: Duration::from_secs(5),
             pgbouncer: false,
+            postgres_partitions: 0,
         }
     }
 }
@@ -422,11 +430,13 @@ pub mod common_sql {
     LEFT JOIN key_packages k
         ON k.user_id = u.user_id AND (k.not_after IS NULL OR k.not_after > $2)
     WHERE u.user_id = $1
-    ORDER BY k.id";
+    ORDER BY k.seq";
 
-    /// Records the facts read from a regular package. $1 id, $2 suite, $3 `not_after` key, $4 ref.
+    /// Records the facts read from a regular package. $1 user, $2 its `seq`, $3 suite, $4
+    /// `not_after` key, $5 ref.
     pub const SET_FACTS: &str = "\
-    UPDATE key_packages SET cipher_suite = $2, not_after = $3, key_package_ref = $4 WHERE id = $1";
+    UPDATE key_packages SET cipher_suite = $3, not_after = $4, key_package_ref = $5
+    WHERE user_id = $1 AND seq = $2";
 
     /// Records the facts read from a last-resort package. $1 user, $2 suite, $3 `not_after` key,
     /// $4 ref.
@@ -610,8 +620,8 @@ impl From<ConsumedRow> for Consumed {
 /// A package an earlier version stored without facts: where it is, and its bytes.
 #[derive(sqlx::FromRow)]
 pub(crate) struct UnreadRow {
-    /// The regular package's id, or NULL for a user's last-resort package.
-    pub(crate) id: Option<i64>,
+    /// The regular package's `seq`, or NULL for a user's last-resort package.
+    pub(crate) seq: Option<i64>,
     pub(crate) user_id: String,
     pub(crate) data: Vec<u8>,
 }

@@ -73,12 +73,16 @@ pub(super) fn is_transient(error: &dyn DatabaseError) -> bool {
 
 /// Creates the user's row or, when it exists, locks it (a row lock held until commit, so one
 /// user's uploads run one after another); records the fingerprint, stamping the time only
-/// when the value changes; returns the digest of the held last-resort package.
+/// when the value changes; reserves `$4` positions of the user's FIFO order; returns the
+/// digest of the held last-resort package and the first reserved position.
 ///
-/// $1 user, $2 fingerprint or NULL, $3 now (Unix seconds) or NULL when $2 is NULL.
+/// $1 user, $2 fingerprint or NULL, $3 now (Unix seconds) or NULL when $2 is NULL, $4 how many
+/// regular packages the upload may add (positions left unused leave gaps, which order ignores).
 pub const LOCK_USER: &str = "\
-INSERT INTO users AS u (user_id, fingerprint, fingerprint_updated_at) VALUES ($1, $2, $3)
+INSERT INTO users AS u (user_id, fingerprint, fingerprint_updated_at, next_seq)
+VALUES ($1, $2, $3, 1 + $4)
 ON CONFLICT (user_id) DO UPDATE SET
+    next_seq = u.next_seq + $4,
     fingerprint = COALESCE(EXCLUDED.fingerprint, u.fingerprint),
     fingerprint_updated_at = CASE
         WHEN EXCLUDED.fingerprint IS NOT NULL
@@ -86,7 +90,7 @@ ON CONFLICT (user_id) DO UPDATE SET
         THEN EXCLUDED.fingerprint_updated_at
         ELSE u.fingerprint_updated_at
     END
-RETURNING last_resort_digest";
+RETURNING last_resort_digest, next_seq - $4 AS first_seq";
 
 /// Writes an [`UploadPlan`] in one statement, under the lock taken by [`LOCK_USER`]: appends
 /// the regular packages in plan order, keeps only the `$5` newest of the packages held before
@@ -97,22 +101,24 @@ RETURNING last_resort_digest";
 /// inserted beside it; no other session inserts for this user while the lock is held.
 ///
 /// $1 user; $2 digests, $3 bytes, $8 suites, $9 `not_after` keys and $10 refs of the regular
-/// packages (oldest first); $4 fingerprint ('' for none); $5 held packages to keep; $6
-/// last-resort bytes, $7 its digest, $11 suite, $12 `not_after` key and $13 ref (or NULLs).
-/// Returns how many regular packages were inserted.
+/// packages (oldest first), numbered from $14 (the first position [`LOCK_USER`] reserved); $4
+/// fingerprint ('' for none); $5 held packages to keep; $6 last-resort bytes, $7 its digest,
+/// $11 suite, $12 `not_after` key and $13 ref (or NULLs). Returns how many regular packages
+/// were inserted.
 pub const WRITE_PLAN: &str = "\
 WITH inserted AS (
     INSERT INTO key_packages
-        (user_id, digest, data, fingerprint, cipher_suite, not_after, key_package_ref)
-    SELECT $1, p.digest, p.data, $4, p.suite, p.not_after, p.ref
+        (user_id, seq, digest, data, fingerprint, cipher_suite, not_after, key_package_ref)
+    SELECT $1, $14::bigint + p.ord - 1, p.digest, p.data, $4, p.suite, p.not_after, p.ref
     FROM UNNEST($2::bytea[], $3::bytea[], $8::integer[], $9::bytea[], $10::bytea[])
         WITH ORDINALITY AS p (digest, data, suite, not_after, ref, ord)
     ORDER BY p.ord
     ON CONFLICT (user_id, digest) DO NOTHING
-    RETURNING id
+    RETURNING seq
 ), trimmed AS (
     DELETE FROM key_packages
-    WHERE id IN (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id DESC OFFSET $5)
+    WHERE user_id = $1
+      AND seq IN (SELECT seq FROM key_packages WHERE user_id = $1 ORDER BY seq DESC OFFSET $5)
 ), replaced AS (
     UPDATE users
     SET last_resort = $6, last_resort_digest = $7, last_resort_fingerprint = $4,
@@ -144,22 +150,22 @@ FROM kps_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 /// `not_after` key.
 pub const HELD: &str = "\
 WITH expired AS (
-    DELETE FROM key_packages WHERE user_id = $1 AND not_after <= $2 RETURNING id
+    DELETE FROM key_packages WHERE user_id = $1 AND not_after <= $2 RETURNING seq
 )
 SELECT (SELECT count(*) FROM expired) AS expired,
        ARRAY(SELECT k.digest FROM key_packages k
-             WHERE k.user_id = $1 AND k.id NOT IN (SELECT id FROM expired)) AS digests";
+             WHERE k.user_id = $1 AND k.seq NOT IN (SELECT seq FROM expired)) AS digests";
 
 /// Up to `$1` regular packages stored by an earlier version that did not read facts
 /// ([`UnreadRow`]), locked so that processes starting at once share the work.
 pub const UNREAD_REGULAR: &str = "\
-SELECT id, user_id, data FROM key_packages WHERE cipher_suite IS NULL
-ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+SELECT seq, user_id, data FROM key_packages WHERE cipher_suite IS NULL
+ORDER BY user_id, seq LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 /// Up to `$1` last-resort packages stored by an earlier version that did not read facts
 /// ([`UnreadRow`]), locked as [`UNREAD_REGULAR`].
 pub const UNREAD_LAST_RESORT: &str = "\
-SELECT NULL::bigint AS id, user_id, last_resort AS data FROM users
+SELECT NULL::bigint AS seq, user_id, last_resort AS data FROM users
 WHERE last_resort IS NOT NULL AND last_resort_cipher_suite IS NULL
 LIMIT $1 FOR UPDATE SKIP LOCKED";
 
@@ -198,6 +204,43 @@ DELETE FROM claim_replays WHERE (caller, idem_key) IN (
     FOR UPDATE SKIP LOCKED)";
 
 pub use super::common_sql::{SET_FACTS, SET_LAST_RESORT_FACTS, STATUS};
+
+/// Turns the plain tables into `$n` hash partitions each, by the column every request
+/// statement names one value of: `users` and `key_packages` by `user_id`, `consume_budgets` by
+/// `subject`, `claim_replays` by `caller`. Tables already partitioned are left as they are, so
+/// it runs once per database; rows are copied, in the transaction of the caller.
+///
+/// This is the distribution shape of `SCALING.md` on one server: with it, every statement of a
+/// request touches one partition of each table it names (`tests/api/partitions.rs`).
+const PARTITION_TABLES: &str = r#"
+DO $$
+DECLARE
+    n int := current_setting('kps.partitions')::int;
+    t record;
+    i int;
+BEGIN
+    FOR t IN SELECT * FROM (VALUES ('users', 'user_id'), ('key_packages', 'user_id'),
+                                   ('consume_budgets', 'subject'), ('claim_replays', 'caller'))
+                           AS v (name, col)
+    LOOP
+        IF (SELECT c.relkind FROM pg_class c WHERE c.oid = t.name::regclass) = 'p' THEN
+            CONTINUE;
+        END IF;
+        EXECUTE format('ALTER TABLE %I RENAME TO %I', t.name, t.name || '_plain');
+        EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING ALL) PARTITION BY HASH (%I)',
+                       t.name, t.name || '_plain', t.col);
+        FOR i IN 0 .. n - 1 LOOP
+            EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES WITH (MODULUS %s, REMAINDER %s)',
+                           t.name || '_p' || i, t.name, n, i);
+        END LOOP;
+        EXECUTE format('INSERT INTO %I SELECT * FROM %I', t.name, t.name || '_plain');
+        EXECUTE format('DROP TABLE %I', t.name || '_plain');
+    END LOOP;
+END
+$$"#;
+
+/// Serialises conversions to partitions of processes that start at once.
+const PARTITION_LOCK: i64 = 0x6b70_735f_7061_7274;
 
 /// Serialises migrations of processes that start at once behind PgBouncer, where sqlx's
 /// session-level lock cannot be used (see [`migrate_in_one_transaction`]).
@@ -269,6 +312,11 @@ impl PgStore {
             migrate_in_one_transaction(&mut conn).await?;
         } else {
             MIGRATOR.run(&mut conn).await?;
+        }
+        if options.postgres_partitions > 0 {
+            partition_tables(&mut conn, options.postgres_partitions)
+                .await
+                .map_err(ConnectError::Partition)?;
         }
         let _ = conn.close().await;
 
@@ -399,11 +447,12 @@ impl KeyPackageStore for PgStore {
     ) -> Result<UploadOutcome, StoreError> {
         let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
         let mut tx = self.begin().await?;
-        let held_last_resort: Option<Vec<u8>> = self
-            .query_scalar(LOCK_USER)
+        let (held_last_resort, first_seq): (Option<Vec<u8>>, i64) = self
+            .query_as(LOCK_USER)
             .bind(user.as_str())
             .bind(fingerprint)
             .bind(fingerprint.map(|_| now_unix))
+            .bind(upload.regular.len() as i64)
             .fetch_one(&mut *tx)
             .await?;
         let (expired, held): (i64, Vec<Vec<u8>>) = self
@@ -450,6 +499,7 @@ impl KeyPackageStore for PgStore {
                         .as_ref()
                         .and_then(|f| f.key_package_ref.as_deref()),
                 )
+                .bind(first_seq)
                 .fetch_one(&mut *tx)
                 .await?;
             stored += inserted as u32;
@@ -549,8 +599,8 @@ impl KeyPackageStore for PgStore {
         }
         for row in &unread {
             let facts = FactColumns::read(&row.data);
-            let query = match row.id {
-                Some(id) => self.query(SET_FACTS).bind(id),
+            let query = match row.seq {
+                Some(seq) => self.query(SET_FACTS).bind(&row.user_id).bind(seq),
                 None => self.query(SET_LAST_RESORT_FACTS).bind(row.user_id.as_str()),
             };
             query
@@ -600,6 +650,22 @@ impl KeyPackageStore for PgStore {
     async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         self.prune(PRUNE_REPLAYS, now_us, limit).await
     }
+}
+
+/// Converts plain tables to `partitions` hash partitions ([`PARTITION_TABLES`]) in one
+/// transaction, after other processes doing the same.
+async fn partition_tables(conn: &mut PgConnection, partitions: u16) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(PARTITION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT set_config('kps.partitions', $1, true)")
+        .bind(partitions.to_string())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(PARTITION_TABLES).execute(&mut *tx).await?;
+    tx.commit().await
 }
 
 /// Applies the migrations behind PgBouncer's transaction pooling, where a server session is

@@ -86,8 +86,8 @@ WHERE user_id = $1";
 
 /// Keeps the user's `$2` newest regular packages. $1 user, $2 how many.
 pub const TRIM: &str = "\
-DELETE FROM key_packages WHERE user_id = $1 AND id NOT IN
-    (SELECT id FROM key_packages WHERE user_id = $1 ORDER BY id DESC LIMIT $2)";
+DELETE FROM key_packages WHERE user_id = $1 AND seq NOT IN
+    (SELECT seq FROM key_packages WHERE user_id = $1 ORDER BY seq DESC LIMIT $2)";
 
 /// A budget's stored state (GCRA `tat`, µs). $1 scope (0 target, 1 caller, 2 pair), $2 subject.
 pub const BUDGET_TAT: &str = "SELECT tat_us FROM consume_budgets WHERE scope = $1 AND subject = $2";
@@ -115,10 +115,10 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 /// or NULL for any package. A range scan of `key_packages_user_fifo` over the target's rows,
 /// which uploads keep at 10 at most.
 pub const TAKE_OLDEST: &str = "\
-DELETE FROM key_packages WHERE id =
-    (SELECT id FROM key_packages WHERE user_id = $1
+DELETE FROM key_packages WHERE seq =
+    (SELECT seq FROM key_packages WHERE user_id = $1
        AND ($2 IS NULL OR cipher_suite IN (SELECT value FROM json_each($2)))
-     ORDER BY id LIMIT 1)
+     ORDER BY seq LIMIT 1)
 RETURNING data, fingerprint, false AS is_last_resort, cipher_suite, not_after, key_package_ref";
 
 /// Counts a hand-out of the last-resort package, if it has not expired and is of an accepted
@@ -143,12 +143,12 @@ SELECT EXISTS (SELECT 1 FROM key_packages WHERE user_id = $1)
 /// Up to `$1` regular packages stored by an earlier version that did not read facts
 /// ([`UnreadRow`]).
 pub const UNREAD_REGULAR: &str = "\
-SELECT id, user_id, data FROM key_packages WHERE cipher_suite IS NULL ORDER BY id LIMIT $1";
+SELECT seq, user_id, data FROM key_packages WHERE cipher_suite IS NULL ORDER BY seq LIMIT $1";
 
 /// Up to `$1` last-resort packages stored by an earlier version that did not read facts
 /// ([`UnreadRow`]).
 pub const UNREAD_LAST_RESORT: &str = "\
-SELECT NULL AS id, user_id, last_resort AS data FROM users
+SELECT NULL AS seq, user_id, last_resort AS data FROM users
 WHERE last_resort IS NOT NULL AND last_resort_cipher_suite IS NULL LIMIT $1";
 
 /// Drops every regular package of the user. $1 user.
@@ -570,8 +570,8 @@ impl KeyPackageStore for SqliteStore {
         }
         for row in &unread {
             let facts = FactColumns::read(&row.data);
-            let query = match row.id {
-                Some(id) => sqlx::query(SET_FACTS).bind(id),
+            let query = match row.seq {
+                Some(seq) => sqlx::query(SET_FACTS).bind(&row.user_id).bind(seq),
                 None => sqlx::query(SET_LAST_RESORT_FACTS).bind(row.user_id.as_str()),
             };
             query

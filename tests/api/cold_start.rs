@@ -4,7 +4,7 @@
 use keypackage_server::{
     auth::{Authenticator, VerifyingKey},
     key_package::UserId,
-    store::{self, ConnectOptions},
+    store,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -12,8 +12,8 @@ use tokio::{
 };
 
 use crate::harness::{
-    env, is_ready_line, run_to_exit, secret_str, stderr_lines, token, ServerProcess, TempDir,
-    TestDb, PATIENCE,
+    connect_options, env, is_ready_line, run_to_exit, secret_str, stderr_lines, token,
+    ServerProcess, TempDir, TestDb, PATIENCE,
 };
 
 /// A token for `user` signed with `secret`.
@@ -70,7 +70,7 @@ async fn two_simultaneous_cold_starts_both_become_ready_with_one_secret() {
 async fn two_stores_opening_one_fresh_sqlite_file_at_once_both_work() {
     for _ in 0..20 {
         let db = TestDb::sqlite();
-        let options = ConnectOptions::new(db.url.clone());
+        let options = connect_options(&db.url);
         let (a, b) = tokio::join!(store::connect(&options), store::connect(&options));
         let (a, b) = (a.expect("first open"), b.expect("second open"));
         a.ping().await.expect("first answers");

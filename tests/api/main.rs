@@ -26,6 +26,7 @@ mod negotiation;
 mod openmls_flow;
 mod ops;
 mod outage;
+mod partitions;
 mod pg_admin;
 mod pg_cluster;
 mod pg_tls;

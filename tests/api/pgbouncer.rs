@@ -252,10 +252,13 @@ async fn behind_pgbouncer_the_postgres_timeouts_still_cut_a_blocked_upload() {
 mod conformance {
     use std::sync::Arc;
 
-    use keypackage_server::store::{self, ConnectOptions, KeyPackageStore};
+    use keypackage_server::store::{self, KeyPackageStore};
 
     use super::PgBouncer;
-    use crate::{harness::TestDb, outage::split_url};
+    use crate::{
+        harness::{connect_options, TestDb},
+        outage::split_url,
+    };
 
     keypackage_server::conformance_tests!(fresh_store);
 
@@ -263,7 +266,7 @@ mod conformance {
         let db = postgres_only!()?;
         let (_, upstream, _) = split_url(&db.url);
         let bouncer = PgBouncer::start(&upstream, 2, "pgbouncer conformance").await?;
-        let mut options = ConnectOptions::new(bouncer.url_for(&db));
+        let mut options = connect_options(&bouncer.url_for(&db));
         options.pgbouncer = true;
         let store = store::connect(&options)
             .await

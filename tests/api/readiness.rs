@@ -3,10 +3,13 @@
 
 use std::time::Duration;
 
-use keypackage_server::store::{self, ConnectOptions};
+use keypackage_server::store;
 
 use crate::{
-    harness::{kp, postgres_admin_url, spawn_app_with_store, token, upload_request, TestDb},
+    harness::{
+        connect_options, kp, postgres_admin_url, spawn_app_with_store, token, upload_request,
+        TestDb,
+    },
     pg_admin::{db_name, lock_user_row, wait_for_lock_waiters},
 };
 
@@ -19,7 +22,7 @@ async fn readyz_answers_200_while_every_request_connection_is_held() {
     let db = TestDb::new().await;
     let (name, url) = (db_name(&db), db.url.clone());
     // Two request connections, and bounds long enough that they stay held while we look.
-    let mut options = ConnectOptions::new(url.clone());
+    let mut options = connect_options(&url);
     options.max_connections = 2;
     options.statement_timeout = Duration::from_secs(60);
     options.call_timeout = Duration::from_secs(60);

@@ -7,11 +7,11 @@ use bytes::Bytes;
 use keypackage_server::{
     key_package::{Upload, UploadPolicy, UserId, MAX_REGULAR_PACKAGES},
     rate_limit::Budget,
-    store::{self, ConnectOptions, ConsumeOutcome, KeyPackageStore, StoreError},
+    store::{self, ConsumeOutcome, KeyPackageStore, StoreError},
 };
 use tokio::sync::Barrier;
 
-use crate::harness::{consume_at, kp, TestDb};
+use crate::harness::{connect_options, consume_at, kp, TestDb};
 
 /// Every conformance case on a fresh SQLite file, whatever backend the run targets.
 mod sqlite {
@@ -257,7 +257,7 @@ async fn a_write_blocked_past_the_statement_timeout_fails_as_unavailable_then_re
     use sqlx::Connection;
 
     let db = TestDb::new().await;
-    let mut options = ConnectOptions::new(db.url.clone());
+    let mut options = connect_options(&db.url);
     options.statement_timeout = Duration::from_millis(300);
     let store = store::connect(&options).await.expect("open store");
     let bob = user("bob");
@@ -474,7 +474,9 @@ async fn a_consume_waits_for_an_upload_in_flight_instead_of_handing_out_the_last
         .execute(&mut upload)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO key_packages (user_id, digest, data) VALUES ('bob', sha256($1), $1)")
+    sqlx::query(
+        "INSERT INTO key_packages (user_id, seq, digest, data) VALUES ('bob', 1000, sha256($1), $1)",
+    )
         .bind(kp("fresh"))
         .execute(&mut upload)
         .await
@@ -506,8 +508,8 @@ async fn a_trim_that_rolls_back_does_not_break_fifo_for_a_concurrent_consume() {
         .await
         .unwrap();
     sqlx::query(
-        "DELETE FROM key_packages WHERE id = \
-         (SELECT min(id) FROM key_packages WHERE user_id = 'bob')",
+        "DELETE FROM key_packages WHERE user_id = 'bob' AND seq = \
+         (SELECT min(seq) FROM key_packages WHERE user_id = 'bob')",
     )
     .execute(&mut upload)
     .await

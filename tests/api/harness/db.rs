@@ -12,6 +12,24 @@ pub(crate) fn postgres_admin_url() -> Option<String> {
         .filter(|u| matches!(Backend::from_url(u), Ok(Backend::Postgres)))
 }
 
+/// Store options for `url`: with `TEST_POSTGRES_PARTITIONS=N` and a Postgres URL, the
+/// partitioned schema variant (`KPS_POSTGRES_PARTITIONS`), so the whole suite can run on it.
+pub(crate) fn connect_options(url: &str) -> ConnectOptions {
+    let mut options = ConnectOptions::new(url);
+    if matches!(Backend::from_url(url), Ok(Backend::Postgres)) {
+        options.postgres_partitions = test_partitions();
+    }
+    options
+}
+
+/// `TEST_POSTGRES_PARTITIONS`, or 0 (plain tables).
+pub(crate) fn test_partitions() -> u16 {
+    std::env::var("TEST_POSTGRES_PARTITIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A database of its own for one test, removed when dropped.
 pub(crate) struct TestDb {
     /// URL the server should use.
@@ -79,7 +97,7 @@ impl TestDb {
 
     /// Opens the store on this database (applying migrations).
     pub(crate) async fn store(&self) -> Arc<dyn KeyPackageStore> {
-        store::connect(&ConnectOptions::new(self.url.clone()))
+        store::connect(&connect_options(&self.url))
             .await
             .expect("open store")
     }

@@ -77,7 +77,13 @@ pub(crate) fn env(pairs: &[(&str, &str)]) -> Env {
 
 /// The usual environment for a server on `db`: the test secret, a data dir of its own.
 pub(crate) fn server_env(db: &TestDb, data_dir: &TempDir) -> Env {
-    env(&[
+    let partitions = if db.is_postgres() {
+        super::test_partitions()
+    } else {
+        0
+    };
+    let mut vars = env(&[("KPS_POSTGRES_PARTITIONS", &partitions.to_string())]);
+    vars.extend(env(&[
         ("DATABASE_URL", &db.url),
         ("KPS_JWT_SECRET", &secret_str()),
         ("KPS_DATA_DIR", &data_dir.path_str("data")),
@@ -85,7 +91,8 @@ pub(crate) fn server_env(db: &TestDb, data_dir: &TempDir) -> Env {
         // tests of the per-caller stages set their own values.
         ("KPS_CONSUME_LIMIT_PER_CALLER_PER_MINUTE", "0"),
         ("KPS_CONSUME_LIMIT_PER_PAIR_PER_MINUTE", "0"),
-    ])
+    ]));
+    vars
 }
 
 /// A command for the binary with none of the test runner's own settings leaking in: every
