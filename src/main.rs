@@ -82,17 +82,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Log lines are written to stderr by a thread of their own, in batches: a request never
+    // makes a write(2) of its own, nor waits on a slow reader of stderr unless the queue of
+    // lines is full (then it waits; lines are never dropped). Dropping the guard writes what
+    // is still queued.
+    let (writer, flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("keypackage-server-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => run_server(cli.config),
         Command::Token { user_id, ttl } => print_token(&cli.config, &user_id, ttl),
     };
+    drop(flush_on_exit);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

@@ -72,7 +72,16 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
     // The first position of the user's FIFO order the lock reserved, as `:first_seq`.
     upload_sql.push_str(&statement_gset(&format!(
         "WITH locked AS ({}) SELECT first_seq FROM locked",
-        bind(LOCK_USER, &[user, fingerprint, now_s, "1::bigint"])
+        bind(
+            LOCK_USER,
+            &[
+                user,
+                fingerprint,
+                now_s,
+                "1::bigint",
+                &format!("int8send({now_s} + 86400)"),
+            ]
+        )
     )));
     upload_sql.push_str(&statement(&bind(HELD, &[user, &now_key])));
     upload_sql.push_str(&statement(&bind(

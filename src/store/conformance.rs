@@ -51,6 +51,7 @@ macro_rules! conformance_tests {
             budgets_are_per_target,
             prune_budgets_removes_only_refilled_state,
             expired_regular_packages_are_skipped_and_removed_by_the_next_consume,
+            each_package_is_removed_by_the_first_claim_after_it_expires,
             an_expired_last_resort_package_is_not_handed_out,
             expired_packages_go_before_the_cap_trims_servable_ones,
             a_suite_filter_serves_the_oldest_package_of_the_requested_suites,
@@ -815,6 +816,37 @@ async fn expired_regular_packages_are_skipped_and_removed_by_the_next_consume(
     assert_eq!(
         (after.outcome, after.expired_removed),
         (ConsumeOutcome::Empty, 0)
+    );
+}
+
+/// However the lifetimes of a user's packages interleave with upload order and hand-outs, the
+/// first claim after a package's `not_after` removes it (a backend may keep a floor of the
+/// lifetimes to skip the sweep; uploads must lower it and the sweep must make it exact).
+async fn each_package_is_removed_by_the_first_claim_after_it_expires(store: &dyn KeyPackageStore) {
+    let [a, b, c, d, e] = [10, 1_000, 20, 30, 40].map(|secs| readable("x", 1, later(secs)));
+    put(store, "bob", &upload_at_now(vec![(b.clone(), false)])).await;
+    put(
+        store,
+        "bob",
+        &upload_at_now(vec![(a, false), (c, false), (d.clone(), false)]),
+    )
+    .await;
+    let outcome = |c: super::Consumption| (c.expired_removed, bytes_of(c.outcome));
+    // a expired (the second upload lowered what the first had set); b is the oldest left.
+    assert_eq!(
+        outcome(claim(store, "bob", &[], NOW_UNIX + 15).await),
+        (1, b)
+    );
+    // c expired, then d is served.
+    assert_eq!(
+        outcome(claim(store, "bob", &[], NOW_UNIX + 25).await),
+        (1, d)
+    );
+    put(store, "bob", &upload_at_now(vec![(e, false)])).await;
+    let last = claim(store, "bob", &[], NOW_UNIX + 50).await;
+    assert_eq!(
+        (last.outcome, last.expired_removed),
+        (ConsumeOutcome::Empty, 1)
     );
 }
 

@@ -12,6 +12,7 @@ use crate::{
     rate_limit::{Budget, Scope},
 };
 
+mod checkout;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod deadline;

@@ -8,14 +8,15 @@ use async_trait::async_trait;
 use sqlx::{
     error::DatabaseError,
     migrate::Migrator,
-    pool::PoolConnection,
     postgres::{PgArguments, PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow},
     query::{Query, QueryAs, QueryScalar},
     Connection, FromRow, PgConnection, PgPool, Postgres, Transaction,
 };
 
 use super::{
-    build_status, micros, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
+    build_status,
+    checkout::{Checkout, Lease},
+    micros, not_after_key, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
     ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
     StoreError, UnreadRow, Upload, UploadOutcome, UploadPlan,
 };
@@ -73,16 +74,20 @@ pub(super) fn is_transient(error: &dyn DatabaseError) -> bool {
 
 /// Creates the user's row or, when it exists, locks it (a row lock held until commit, so one
 /// user's uploads run one after another); records the fingerprint, stamping the time only
-/// when the value changes; reserves `$4` positions of the user's FIFO order; returns the
-/// digest of the held last-resort package and the first reserved position.
+/// when the value changes; reserves `$4` positions of the user's FIFO order; lowers the
+/// user's expiry floor (migration 0006) to `$5`; returns the digest of the held last-resort
+/// package and the first reserved position.
 ///
 /// $1 user, $2 fingerprint or NULL, $3 now (Unix seconds) or NULL when $2 is NULL, $4 how many
-/// regular packages the upload may add (positions left unused leave gaps, which order ignores).
+/// regular packages the upload may add (positions left unused leave gaps, which order ignores),
+/// $5 the earliest `not_after` key among them, NULL if none has one.
 pub const LOCK_USER: &str = "\
-INSERT INTO users AS u (user_id, fingerprint, fingerprint_updated_at, next_seq)
-VALUES ($1, $2, $3, 1 + $4)
+INSERT INTO users AS u (user_id, fingerprint, fingerprint_updated_at, next_seq,
+                        regular_expiry_floor)
+VALUES ($1, $2, $3, 1 + $4, $5)
 ON CONFLICT (user_id) DO UPDATE SET
     next_seq = u.next_seq + $4,
+    regular_expiry_floor = LEAST(u.regular_expiry_floor, EXCLUDED.regular_expiry_floor),
     fingerprint = COALESCE(EXCLUDED.fingerprint, u.fingerprint),
     fingerprint_updated_at = CASE
         WHEN EXCLUDED.fingerprint IS NOT NULL
@@ -247,10 +252,9 @@ const PARTITION_LOCK: i64 = 0x6b70_735f_7061_7274;
 const PGBOUNCER_MIGRATION_LOCK: i64 = 0x6b70_735f_6d69_6772;
 
 /// Key packages in a Postgres database.
-#[derive(Clone, Debug)]
 pub struct PgStore {
     /// Connections for requests.
-    pool: PgPool,
+    pool: Checkout<Postgres>,
     /// One connection of the readiness probe's own, so a busy request pool cannot fail it.
     probe: PgPool,
     /// Behind PgBouncer (transaction pooling): the statement each transaction begins with,
@@ -258,15 +262,23 @@ pub struct PgStore {
     bouncer: Option<String>,
 }
 
-/// The connection one store call runs on; see [`PgStore::session`].
-enum Session {
-    /// A pooled connection (direct to Postgres), statements in autocommit.
-    Plain(PoolConnection<Postgres>),
-    /// A transaction, committed by [`Session::finish`] (behind PgBouncer).
-    Pinned(Transaction<'static, Postgres>),
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pgbouncer", &self.bouncer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
-impl Session {
+/// The connection one store call runs on; see [`PgStore::session`].
+enum Session<'c> {
+    /// A lent connection (direct to Postgres), statements in autocommit.
+    Plain(&'c mut PgConnection),
+    /// A transaction, committed by [`Session::finish`] (behind PgBouncer).
+    Pinned(Transaction<'c, Postgres>),
+}
+
+impl Session<'_> {
     fn conn(&mut self) -> &mut PgConnection {
         match self {
             Self::Plain(conn) => conn,
@@ -338,10 +350,12 @@ impl PgStore {
         } else {
             (base.options(timeouts), None)
         };
+        let max_connections = options.max_connections.max(1);
         let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
+            .max_connections(max_connections)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(pooled.clone());
+        let pool = Checkout::new(pool, max_connections, options.acquire_timeout);
         let probe = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
@@ -353,29 +367,33 @@ impl PgStore {
         })
     }
 
-    /// A transaction for one call. Failing to get a connection or to begin means the database
-    /// is unavailable, whatever the error says (a refusal for any reason, a connection found
-    /// dead): nothing of the call has run, and a retry may well succeed.
-    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+    /// A connection for one call, given back with [`Lease::release`] once the call ended
+    /// cleanly. Failing to get one means the database is unavailable.
+    async fn lease(&self) -> Result<Lease<'_, Postgres>, StoreError> {
+        self.pool.lease().await.map_err(StoreError::Unavailable)
+    }
+
+    /// A transaction on `conn`. Failing to begin means the database is unavailable, whatever
+    /// the error says (a refusal for any reason, a connection found dead): nothing of the call
+    /// has run, and a retry may well succeed.
+    async fn begin<'c>(
+        &self,
+        conn: &'c mut PgConnection,
+    ) -> Result<Transaction<'c, Postgres>, StoreError> {
         let begun = match &self.bouncer {
-            None => self.pool.begin().await,
-            Some(begin) => self.pool.begin_with(begin.clone()).await,
+            None => conn.begin().await,
+            Some(begin) => conn.begin_with(begin.clone()).await,
         };
         begun.map_err(StoreError::Unavailable)
     }
 
-    /// The connection for a call of single statements: a pooled connection in autocommit or,
-    /// behind PgBouncer, a transaction, which is what keeps a statement's parse and execute
-    /// on one server session and sets the timeouts. Errors as [`PgStore::begin`].
-    async fn session(&self) -> Result<Session, StoreError> {
+    /// How a call of single statements runs on `conn`: in autocommit or, behind PgBouncer, in
+    /// a transaction, which is what keeps a statement's parse and execute on one server
+    /// session and sets the timeouts. Errors as [`PgStore::begin`].
+    async fn session<'c>(&self, conn: &'c mut PgConnection) -> Result<Session<'c>, StoreError> {
         match self.bouncer {
-            None => self
-                .pool
-                .acquire()
-                .await
-                .map(Session::Plain)
-                .map_err(StoreError::Unavailable),
-            Some(_) => self.begin().await.map(Session::Pinned),
+            None => Ok(Session::Plain(conn)),
+            Some(_) => self.begin(conn).await.map(Session::Pinned),
         }
     }
 
@@ -410,7 +428,8 @@ impl PgStore {
     /// Runs a pruning statement ([`PRUNE_BUDGETS`], [`PRUNE_REPLAYS`]): $1 now (µs) or NULL,
     /// $2 the most rows to drop.
     async fn prune(&self, sql: &str, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
-        let mut session = self.session().await?;
+        let mut lease = self.lease().await?;
+        let mut session = self.session(&mut lease).await?;
         let done = self
             .query(sql)
             .bind(now_us)
@@ -418,6 +437,7 @@ impl PgStore {
             .execute(session.conn())
             .await?;
         session.finish().await?;
+        lease.release();
         Ok(done.rows_affected())
     }
 
@@ -446,13 +466,15 @@ impl KeyPackageStore for PgStore {
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
         let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
-        let mut tx = self.begin().await?;
+        let mut lease = self.lease().await?;
+        let mut tx = self.begin(&mut lease).await?;
         let (held_last_resort, first_seq): (Option<Vec<u8>>, i64) = self
             .query_as(LOCK_USER)
             .bind(user.as_str())
             .bind(fingerprint)
             .bind(fingerprint.map(|_| now_unix))
             .bind(upload.regular.len() as i64)
+            .bind(earliest_not_after(upload).as_ref().map(|k| k.as_slice()))
             .fetch_one(&mut *tx)
             .await?;
         let (expired, held): (i64, Vec<Vec<u8>>) = self
@@ -506,6 +528,7 @@ impl KeyPackageStore for PgStore {
         }
         let status = self.status_in(&mut tx, user, now_unix).await?;
         tx.commit().await?;
+        lease.release();
         Ok(UploadOutcome {
             stored,
             expired_removed: u64::try_from(expired).unwrap_or(0),
@@ -527,7 +550,8 @@ impl KeyPackageStore for PgStore {
         let (caller_interval, caller_window) = stage(caller.and_then(|c| c.budget));
         let (pair_interval, pair_window) = stage(caller.and_then(|c| c.pair_budget));
         let key = caller.and_then(|c| c.idempotency);
-        let mut session = self.session().await?;
+        let mut lease = self.lease().await?;
+        let mut session = self.session(&mut lease).await?;
         let row: ConsumeRow = self
             .query_as(CONSUME)
             .bind(claim.target.as_str())
@@ -545,6 +569,7 @@ impl KeyPackageStore for PgStore {
             .fetch_one(session.conn())
             .await?;
         session.finish().await?;
+        lease.release();
         let expired_removed = u64::try_from(row.expired_removed).unwrap_or(0);
         let wait = std::time::Duration::from_micros(
             row.wait_us.and_then(|w| u64::try_from(w).ok()).unwrap_or(0),
@@ -575,14 +600,17 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {
-        let mut session = self.session().await?;
+        let mut lease = self.lease().await?;
+        let mut session = self.session(&mut lease).await?;
         let status = self.status_in(session.conn(), user, now_unix).await?;
         session.finish().await?;
+        lease.release();
         Ok(status)
     }
 
     async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
-        let mut tx = self.begin().await?;
+        let mut lease = self.lease().await?;
+        let mut tx = self.begin(&mut lease).await?;
         let mut unread: Vec<UnreadRow> = self
             .query_as(UNREAD_REGULAR)
             .bind(i64::from(limit))
@@ -611,11 +639,13 @@ impl KeyPackageStore for PgStore {
                 .await?;
         }
         tx.commit().await?;
+        lease.release();
         Ok(unread.len() as u64)
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
+        let mut lease = self.lease().await?;
+        let mut tx = self.begin(&mut lease).await?;
         for statement in [DELETE_LAST_RESORT, DELETE_REGULAR] {
             self.query(statement)
                 .bind(user.as_str())
@@ -623,17 +653,20 @@ impl KeyPackageStore for PgStore {
                 .await?;
         }
         tx.commit().await?;
+        lease.release();
         Ok(())
     }
 
     async fn fingerprint(&self, user: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
-        let mut session = self.session().await?;
+        let mut lease = self.lease().await?;
+        let mut session = self.session(&mut lease).await?;
         let row: Option<FingerprintRow> = self
             .query_as(FINGERPRINT)
             .bind(user.as_str())
             .fetch_optional(session.conn())
             .await?;
         session.finish().await?;
+        lease.release();
         Ok(row.and_then(FingerprintRow::into_pair))
     }
 
@@ -650,6 +683,16 @@ impl KeyPackageStore for PgStore {
     async fn prune_replays(&self, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
         self.prune(PRUNE_REPLAYS, now_us, limit).await
     }
+}
+
+/// The earliest `not_after` key among the upload's regular packages, `None` if none has one.
+fn earliest_not_after(upload: &Upload) -> Option<[u8; 8]> {
+    upload
+        .regular
+        .iter()
+        .filter_map(|p| p.facts().map(|f| f.not_after))
+        .min()
+        .map(not_after_key)
 }
 
 /// Converts plain tables to `partitions` hash partitions ([`PARTITION_TABLES`]) in one

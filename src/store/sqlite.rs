@@ -12,13 +12,15 @@ use sqlx::{
     error::DatabaseError,
     migrate::Migrator,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    SqlitePool,
+    Connection, Sqlite, SqliteConnection,
 };
 
 use super::{
-    build_status, micros, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
-    ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
-    StoreError, UnreadRow, Upload, UploadOutcome, UploadPlan,
+    build_status,
+    checkout::{Checkout, Lease},
+    micros, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow, Consumption,
+    FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow, StoreError, UnreadRow, Upload,
+    UploadOutcome, UploadPlan,
 };
 use crate::{
     clock,
@@ -187,15 +189,56 @@ pub enum Synchronous {
 }
 
 /// Key packages in an SQLite database file.
-#[derive(Clone, Debug)]
 pub struct SqliteStore {
     /// The one writing connection.
-    writer: SqlitePool,
+    writer: Checkout<Sqlite>,
     /// Read-only connections for requests.
-    reader: SqlitePool,
+    reader: Checkout<Sqlite>,
     /// A read-only connection of the readiness probe's own, so that it never waits behind
     /// request traffic.
-    probe: SqlitePool,
+    probe: sqlx::SqlitePool,
+    /// Dropped with the store, which ends [`checkpoint_wal`].
+    _stop_checkpoints: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How often [`checkpoint_wal`] copies the write-ahead log into the database file. At a few
+/// thousand writes per second the log holds a few megabytes between checkpoints.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Checkpoints the write-ahead log every [`CHECKPOINT_EVERY`] on `conn`, a connection of its
+/// own, until `stop` resolves (the store was dropped). A passive checkpoint takes no lock that
+/// requests wait for: it copies the committed pages to the database file and syncs it beside
+/// the writer, and the writer starts the log over at its next commit once everything in it is
+/// copied. So the page copies and the database file's fsync leave the request path (the
+/// writer runs with `wal_autocheckpoint = 0`), and the log stays small.
+async fn checkpoint_wal(mut conn: SqliteConnection, mut stop: tokio::sync::oneshot::Receiver<()>) {
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = every.tick() => {}
+        }
+        if let Err(e) = checkpoint(&mut conn).await {
+            tracing::warn!(error = %e, "checkpoint of the SQLite write-ahead log failed");
+        }
+    }
+    let _ = conn.close().await;
+}
+
+/// One passive checkpoint, through sqlx's boxed executor future (the generic `execute`
+/// futures are not provably `Send` inside `tokio::spawn`).
+async fn checkpoint(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        .await
+        .map(drop)
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
 }
 
 impl SqliteStore {
@@ -274,11 +317,18 @@ impl SqliteStore {
         };
 
         let deadline = Instant::now() + options.statement_timeout;
+        // A file's checkpoints run on a connection of their own (see [`checkpoint_wal`]), not
+        // inside whichever request's commit crosses SQLite's automatic threshold.
+        let writing = if in_memory {
+            base.clone()
+        } else {
+            base.clone().pragma("wal_autocheckpoint", "0")
+        };
         let writer = loop {
             let opened = SqlitePoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(options.acquire_timeout)
-                .connect_with(base.clone())
+                .connect_with(writing.clone())
                 .await;
             match opened {
                 Ok(pool) => break pool,
@@ -299,8 +349,9 @@ impl SqliteStore {
                 Err(e) => return Err(e.into()),
             }
         }
+        let readers = options.max_connections.clamp(1, 8);
         let reader = SqlitePoolOptions::new()
-            .max_connections(options.max_connections.clamp(1, 8))
+            .max_connections(readers)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.clone().read_only(true))
             .await
@@ -308,30 +359,38 @@ impl SqliteStore {
         let probe = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
-            .connect_with(base.read_only(true))
+            .connect_with(base.clone().read_only(true))
             .await
             .map_err(ConnectError::Open)?;
+        let (stop_checkpoints, stopped) = tokio::sync::oneshot::channel();
+        if !in_memory {
+            let conn = SqliteConnection::connect_with(&base)
+                .await
+                .map_err(ConnectError::Open)?;
+            tokio::spawn(checkpoint_wal(conn, stopped));
+        }
         Ok(Self {
-            writer,
-            reader,
+            writer: Checkout::new(writer, 1, options.acquire_timeout),
+            reader: Checkout::new(reader, readers, options.acquire_timeout),
             probe,
+            _stop_checkpoints: stop_checkpoints,
         })
     }
 
-    /// A write transaction holding the file's write lock. Failing to get the connection or
-    /// the lock means the database is unavailable for now, whatever the error says.
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
+    /// A write transaction on `conn` (the writer's), holding the file's write lock. Failing
+    /// to get the lock means the database is unavailable for now, whatever the error says.
+    async fn begin_write(
+        conn: &mut SqliteConnection,
+    ) -> Result<sqlx::Transaction<'_, Sqlite>, StoreError> {
+        conn.begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::Unavailable)
     }
 
-    /// A connection from `pool`; failing to get one means the database is unavailable.
-    async fn acquire(
-        pool: &SqlitePool,
-    ) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, StoreError> {
-        pool.acquire().await.map_err(StoreError::Unavailable)
+    /// A connection lent by `checkout`, given back with [`Lease::release`] once the call
+    /// ended cleanly; failing to get one means the database is unavailable.
+    async fn acquire(checkout: &Checkout<Sqlite>) -> Result<Lease<'_, Sqlite>, StoreError> {
+        checkout.lease().await.map_err(StoreError::Unavailable)
     }
 }
 
@@ -343,7 +402,8 @@ impl KeyPackageStore for SqliteStore {
         upload: &Upload,
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let mut lease = Self::acquire(&self.writer).await?;
+        let mut tx = Self::begin_write(&mut lease).await?;
         sqlx::query(CREATE_USER)
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -408,6 +468,7 @@ impl KeyPackageStore for SqliteStore {
         }
         let status = status_in(&mut tx, user, now_unix).await?;
         tx.commit().await?;
+        lease.release();
         Ok(UploadOutcome {
             stored: plan.stored(),
             expired_removed: expired,
@@ -421,7 +482,8 @@ impl KeyPackageStore for SqliteStore {
             .then(|| serde_json::to_string(claim.suites).expect("a list of numbers"));
         let caller = claim.caller.as_ref();
         let key = caller.and_then(|c| c.idempotency.map(|(k, ttl)| (c.id, k, ttl)));
-        let mut tx = self.begin_write().await?;
+        let mut lease = Self::acquire(&self.writer).await?;
+        let mut tx = Self::begin_write(&mut lease).await?;
         // Read under the write lock, so requests that waited for it are judged by when they
         // got it, in the order they got it.
         let now_us = claim.now_us.unwrap_or_else(clock::unix_micros);
@@ -439,6 +501,8 @@ impl KeyPackageStore for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
             if let Some(replay) = replay {
+                tx.commit().await?;
+                lease.release();
                 return Ok(untouched(if replay.target == target.as_str() {
                     ConsumeOutcome::Replayed(replay.package.into())
                 } else {
@@ -475,6 +539,7 @@ impl KeyPackageStore for SqliteStore {
                 Ok(next_tat) => charges.push((scope, subject, next_tat)),
                 Err(retry_after) => {
                     tx.commit().await?;
+                    lease.release();
                     return Ok(untouched(ConsumeOutcome::RateLimited {
                         retry_after,
                         scope,
@@ -543,6 +608,7 @@ impl KeyPackageStore for SqliteStore {
             }
         };
         tx.commit().await?;
+        lease.release();
         Ok(Consumption {
             outcome,
             expired_removed,
@@ -551,11 +617,14 @@ impl KeyPackageStore for SqliteStore {
 
     async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {
         let mut conn = Self::acquire(&self.reader).await?;
-        status_in(&mut conn, user, now_unix).await
+        let status = status_in(&mut conn, user, now_unix).await?;
+        conn.release();
+        Ok(status)
     }
 
     async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let mut lease = Self::acquire(&self.writer).await?;
+        let mut tx = Self::begin_write(&mut lease).await?;
         let mut unread: Vec<UnreadRow> = sqlx::query_as(UNREAD_REGULAR)
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
@@ -582,11 +651,13 @@ impl KeyPackageStore for SqliteStore {
                 .await?;
         }
         tx.commit().await?;
+        lease.release();
         Ok(unread.len() as u64)
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
+        let mut lease = Self::acquire(&self.writer).await?;
+        let mut tx = Self::begin_write(&mut lease).await?;
         for statement in [DELETE_REGULAR, DELETE_LAST_RESORT] {
             sqlx::query(statement)
                 .bind(user.as_str())
@@ -594,6 +665,7 @@ impl KeyPackageStore for SqliteStore {
                 .await?;
         }
         tx.commit().await?;
+        lease.release();
         Ok(())
     }
 
@@ -603,6 +675,7 @@ impl KeyPackageStore for SqliteStore {
             .bind(user.as_str())
             .fetch_optional(&mut *conn)
             .await?;
+        conn.release();
         Ok(row.and_then(FingerprintRow::into_pair))
     }
 
@@ -630,6 +703,7 @@ impl SqliteStore {
             .bind(i64::from(limit))
             .execute(&mut *conn)
             .await?;
+        conn.release();
         Ok(done.rows_affected())
     }
 }
@@ -706,8 +780,9 @@ mod tests {
 
     async fn synchronous_of(options: &ConnectOptions) -> i64 {
         let store = SqliteStore::connect(options).await.expect("open");
+        let mut writer = store.writer.lease().await.expect("the writer");
         sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&store.writer)
+            .fetch_one(&mut *writer)
             .await
             .expect("pragma")
     }
@@ -732,8 +807,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         options.max_connections = 1;
         let store = SqliteStore::connect(&options).await.unwrap();
-        let _writing = store.writer.acquire().await.unwrap();
-        let _reading = store.reader.acquire().await.unwrap();
+        let _writing = store.writer.lease().await.unwrap();
+        let _reading = store.reader.lease().await.unwrap();
         store
             .ping()
             .await

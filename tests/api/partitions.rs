@@ -148,6 +148,7 @@ async fn an_upload_touches_only_the_uploaders_partitions() {
         .bind(Option::<&str>::None)
         .bind(Option::<i64>::None)
         .bind(2_i64)
+        .bind(Option::<&[u8]>::None)
         .fetch_one(&mut *tx)
         .await
         .unwrap();
