@@ -16,6 +16,7 @@ mod checkout;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod deadline;
+mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 

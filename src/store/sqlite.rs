@@ -18,6 +18,7 @@ use sqlx::{
 use super::{
     build_status,
     checkout::{Checkout, Lease},
+    group_commit::GroupCommit,
     micros, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome, ConsumedRow, Consumption,
     FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow, StoreError, UnreadRow, Upload,
     UploadOutcome, UploadPlan,
@@ -190,8 +191,8 @@ pub enum Synchronous {
 
 /// Key packages in an SQLite database file.
 pub struct SqliteStore {
-    /// The one writing connection.
-    writer: Checkout<Sqlite>,
+    /// The one writing connection, whose calls commit in groups.
+    writer: GroupCommit,
     /// Read-only connections for requests.
     reader: Checkout<Sqlite>,
     /// A read-only connection of the readiness probe's own, so that it never waits behind
@@ -349,6 +350,8 @@ impl SqliteStore {
                 Err(e) => return Err(e.into()),
             }
         }
+        // The writer's one connection leaves the pool it was opened with, for good.
+        let writer = writer.acquire().await.map_err(ConnectError::Open)?.detach();
         let readers = options.max_connections.clamp(1, 8);
         let reader = SqlitePoolOptions::new()
             .max_connections(readers)
@@ -370,21 +373,11 @@ impl SqliteStore {
             tokio::spawn(checkpoint_wal(conn, stopped));
         }
         Ok(Self {
-            writer: Checkout::new(writer, 1, options.acquire_timeout),
+            writer: GroupCommit::new(writer),
             reader: Checkout::new(reader, readers, options.acquire_timeout),
             probe,
             _stop_checkpoints: stop_checkpoints,
         })
-    }
-
-    /// A write transaction on `conn` (the writer's), holding the file's write lock. Failing
-    /// to get the lock means the database is unavailable for now, whatever the error says.
-    async fn begin_write(
-        conn: &mut SqliteConnection,
-    ) -> Result<sqlx::Transaction<'_, Sqlite>, StoreError> {
-        conn.begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::Unavailable)
     }
 
     /// A connection lent by `checkout`, given back with [`Lease::release`] once the call
@@ -402,8 +395,7 @@ impl KeyPackageStore for SqliteStore {
         upload: &Upload,
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
-        let mut lease = Self::acquire(&self.writer).await?;
-        let mut tx = Self::begin_write(&mut lease).await?;
+        let mut tx = self.writer.turn().await?;
         sqlx::query(CREATE_USER)
             .bind(user.as_str())
             .execute(&mut *tx)
@@ -468,7 +460,6 @@ impl KeyPackageStore for SqliteStore {
         }
         let status = status_in(&mut tx, user, now_unix).await?;
         tx.commit().await?;
-        lease.release();
         Ok(UploadOutcome {
             stored: plan.stored(),
             expired_removed: expired,
@@ -482,8 +473,7 @@ impl KeyPackageStore for SqliteStore {
             .then(|| serde_json::to_string(claim.suites).expect("a list of numbers"));
         let caller = claim.caller.as_ref();
         let key = caller.and_then(|c| c.idempotency.map(|(k, ttl)| (c.id, k, ttl)));
-        let mut lease = Self::acquire(&self.writer).await?;
-        let mut tx = Self::begin_write(&mut lease).await?;
+        let mut tx = self.writer.turn().await?;
         // Read under the write lock, so requests that waited for it are judged by when they
         // got it, in the order they got it.
         let now_us = claim.now_us.unwrap_or_else(clock::unix_micros);
@@ -502,7 +492,6 @@ impl KeyPackageStore for SqliteStore {
                 .await?;
             if let Some(replay) = replay {
                 tx.commit().await?;
-                lease.release();
                 return Ok(untouched(if replay.target == target.as_str() {
                     ConsumeOutcome::Replayed(replay.package.into())
                 } else {
@@ -539,7 +528,6 @@ impl KeyPackageStore for SqliteStore {
                 Ok(next_tat) => charges.push((scope, subject, next_tat)),
                 Err(retry_after) => {
                     tx.commit().await?;
-                    lease.release();
                     return Ok(untouched(ConsumeOutcome::RateLimited {
                         retry_after,
                         scope,
@@ -608,7 +596,6 @@ impl KeyPackageStore for SqliteStore {
             }
         };
         tx.commit().await?;
-        lease.release();
         Ok(Consumption {
             outcome,
             expired_removed,
@@ -623,8 +610,7 @@ impl KeyPackageStore for SqliteStore {
     }
 
     async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
-        let mut lease = Self::acquire(&self.writer).await?;
-        let mut tx = Self::begin_write(&mut lease).await?;
+        let mut tx = self.writer.turn().await?;
         let mut unread: Vec<UnreadRow> = sqlx::query_as(UNREAD_REGULAR)
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
@@ -651,13 +637,11 @@ impl KeyPackageStore for SqliteStore {
                 .await?;
         }
         tx.commit().await?;
-        lease.release();
         Ok(unread.len() as u64)
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        let mut lease = Self::acquire(&self.writer).await?;
-        let mut tx = Self::begin_write(&mut lease).await?;
+        let mut tx = self.writer.turn().await?;
         for statement in [DELETE_REGULAR, DELETE_LAST_RESORT] {
             sqlx::query(statement)
                 .bind(user.as_str())
@@ -665,7 +649,6 @@ impl KeyPackageStore for SqliteStore {
                 .await?;
         }
         tx.commit().await?;
-        lease.release();
         Ok(())
     }
 
@@ -697,13 +680,13 @@ impl SqliteStore {
     /// Runs a pruning statement ([`PRUNE_BUDGETS`], [`PRUNE_REPLAYS`]): $1 now (µs), $2 the
     /// most rows to drop.
     async fn prune(&self, sql: &str, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
-        let mut conn = Self::acquire(&self.writer).await?;
+        let mut tx = self.writer.turn().await?;
         let done = sqlx::query(sql)
             .bind(now_us.unwrap_or_else(clock::unix_micros))
             .bind(i64::from(limit))
-            .execute(&mut *conn)
+            .execute(&mut *tx)
             .await?;
-        conn.release();
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 }
@@ -780,7 +763,7 @@ mod tests {
 
     async fn synchronous_of(options: &ConnectOptions) -> i64 {
         let store = SqliteStore::connect(options).await.expect("open");
-        let mut writer = store.writer.lease().await.expect("the writer");
+        let mut writer = store.writer.turn().await.expect("the writer");
         sqlx::query_scalar("PRAGMA synchronous")
             .fetch_one(&mut *writer)
             .await
@@ -807,7 +790,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         options.max_connections = 1;
         let store = SqliteStore::connect(&options).await.unwrap();
-        let _writing = store.writer.lease().await.unwrap();
+        let _writing = store.writer.turn().await.unwrap();
         let _reading = store.reader.lease().await.unwrap();
         store
             .ping()
