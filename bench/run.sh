@@ -23,6 +23,7 @@
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres   (a fresh database is created)
 #   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
 #   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
+#   RSS_CALLERS=100000    distinct callers of the RSS run (claim stages on: 600/3 per minute)
 #   OUT=/tmp/kps-bench-<time>             where logs and results go (charts: $OUT/charts/*.svg)
 #   BASELINE=<rev> ROUNDS=2 COMPARE_SCENARIOS="consume upload"   for compare
 #   STAGES="600 3" FLOOD_TARGETS=100000   for stages (ROUNDS too)
@@ -45,6 +46,7 @@ PG_ADMIN_URL="${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 PORT="${PORT:-18087}"
 GROWTH_SIZES="${GROWTH_SIZES:-10000 100000 1000000}"
 RSS_TARGETS="${RSS_TARGETS:-1000000}"
+RSS_CALLERS="${RSS_CALLERS:-100000}"
 OUT="${OUT:-/tmp/kps-bench-$(date +%Y%m%d-%H%M%S)}"
 export RUST_LOG="${RUST_LOG:-info}"
 
@@ -246,13 +248,16 @@ growth() { # backend
     stop_server
   done
   if [[ "$RSS_TARGETS" -gt 0 ]]; then
-  log "## $backend: server RSS while $RSS_TARGETS distinct targets are requested (fresh server)"
+  log "## $backend: server RSS while $RSS_TARGETS distinct targets are requested by $RSS_CALLERS callers, every claim stage on (fresh server)"
+  local saved_caller=$CALLER_BUDGET saved_pair=$PAIR_BUDGET
+  CALLER_BUDGET=600 PAIR_BUDGET=3
   start_server
   sleep 1
-  "$BENCH" run consume --url "$URL" -c "$conns" -d 600 --warmup 0 \
-    --max-requests "$RSS_TARGETS" --users "$RSS_TARGETS" --writers 1000 --label "rss-$RSS_TARGETS" \
+  "$BENCH" run consume --url "$URL" -c "$conns" -d 900 --warmup 0 \
+    --max-requests "$RSS_TARGETS" --users "$RSS_TARGETS" --writers "$RSS_CALLERS" --label "rss-$RSS_TARGETS" \
     --server-pid "$SERVER_PID" "${db_args[@]}" | tee -a "$RESULTS"
   stop_server
+  CALLER_BUDGET=$saved_caller PAIR_BUDGET=$saved_pair
   fi
   log ""
   log "## $backend growth summary (consume, $conns connections)"
