@@ -90,7 +90,7 @@ async fn seed_sqlite(url: &str, p: Population) -> Result<()> {
         for chunk in users.chunks(ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO users (user_id, fingerprint, fingerprint_updated_at, last_resort, \
-                 last_resort_digest, last_resort_fingerprint) ",
+                 last_resort_digest, last_resort_fingerprint, last_resort_cipher_suite) ",
             );
             q.push_values(chunk, |mut row, &i| {
                 let fp = fingerprint(i);
@@ -100,7 +100,10 @@ async fn seed_sqlite(url: &str, p: Population) -> Result<()> {
                     .push_bind(1_700_000_000_i64)
                     .push_bind(lr.as_ref().map(|b| b.to_vec()))
                     .push_bind(lr.as_ref().map(|b| digest(b).to_vec()))
-                    .push_bind(if p.last_resort { fp } else { String::new() });
+                    .push_bind(if p.last_resort { fp } else { String::new() })
+                    // Read as the server would store it: opaque (suite 0), so the server
+                    // has nothing to backfill at start.
+                    .push_bind(p.last_resort.then_some(0_i64));
             });
             q.build().execute(&mut *tx).await?;
         }
@@ -110,14 +113,15 @@ async fn seed_sqlite(url: &str, p: Population) -> Result<()> {
             .collect();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO key_packages (user_id, digest, data, fingerprint) ",
+                "INSERT INTO key_packages (user_id, digest, data, fingerprint, cipher_suite) ",
             );
             q.push_values(chunk, |mut row, &(i, j)| {
                 let data = package("seed", i, u64::from(j), p.size);
                 row.push_bind(user_id(i))
                     .push_bind(digest(&data).to_vec())
                     .push_bind(data.to_vec())
-                    .push_bind(fingerprint(i));
+                    .push_bind(fingerprint(i))
+                    .push_bind(0_i64);
             });
             q.build().execute(&mut *tx).await?;
         }
@@ -137,11 +141,13 @@ async fn seed_sqlite(url: &str, p: Population) -> Result<()> {
 
 /// Package bytes and fingerprints are computed by Postgres itself (`sha256`, `md5`), so the
 /// load generator ships no data; each user's packages are numbered 1.. in package order, like
-/// uploads, and its next position follows them.
+/// uploads, and its next position follows them. The packages are opaque, and stored as the
+/// server stores opaque ones (suite 0), so the server has nothing to backfill at start.
 const PG_SEED_USERS: &str = "\
 INSERT INTO users (user_id, fingerprint, fingerprint_updated_at, last_resort, last_resort_digest,
-                   last_resort_fingerprint, next_seq)
-SELECT 'u' || i, fp, 1700000000, lr, sha256(lr), CASE WHEN lr IS NULL THEN '' ELSE fp END, $5 + 1
+                   last_resort_fingerprint, next_seq, last_resort_cipher_suite)
+SELECT 'u' || i, fp, 1700000000, lr, sha256(lr), CASE WHEN lr IS NULL THEN '' ELSE fp END, $5 + 1,
+       CASE WHEN lr IS NULL THEN NULL ELSE 0 END
 FROM (
     SELECT i,
            encode(sha256(convert_to('fingerprint:' || i, 'UTF8')), 'hex') AS fp,
@@ -153,9 +159,9 @@ FROM (
 ) AS s";
 
 const PG_SEED_PACKAGES: &str = "\
-INSERT INTO key_packages (user_id, seq, digest, data, fingerprint)
+INSERT INTO key_packages (user_id, seq, digest, data, fingerprint, cipher_suite)
 SELECT 'u' || i, j + 1, sha256(data), data,
-       encode(sha256(convert_to('fingerprint:' || i, 'UTF8')), 'hex')
+       encode(sha256(convert_to('fingerprint:' || i, 'UTF8')), 'hex'), 0
 FROM (
     SELECT i, j, substring('\\x00010005'::bytea
                 || convert_to('seed:' || i || ':' || j || ':', 'UTF8')
