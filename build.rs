@@ -7,6 +7,9 @@ use prost::Message;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/keypackages/v1/key_packages.proto";
     println!("cargo:rerun-if-changed={proto}");
+    // `sqlx::migrate!` embeds the migrations; without this line a changed migration would not
+    // rebuild the crate (naming one path turns off cargo's rebuild on any file change).
+    println!("cargo:rerun-if-changed=migrations");
 
     let descriptors = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);

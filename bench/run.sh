@@ -22,6 +22,7 @@
 #   CALLERS=100000  distinct callers of the pgbench ceiling
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres   (a fresh database is created)
 #   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
+#   SERVER=target/release/keypackage-server   the server binary (another build, to set beside)
 #   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
 #   RSS_CALLERS=100000    distinct callers of the RSS run (claim stages on: 600/3 per minute)
 #   OUT=/tmp/kps-bench-<time>             where logs and results go (charts: $OUT/charts/*.svg)
@@ -50,7 +51,7 @@ RSS_CALLERS="${RSS_CALLERS:-100000}"
 OUT="${OUT:-/tmp/kps-bench-$(date +%Y%m%d-%H%M%S)}"
 export RUST_LOG="${RUST_LOG:-info}"
 
-SERVER=target/release/keypackage-server
+SERVER="${SERVER:-target/release/keypackage-server}"
 BENCH=target/release/kps-bench
 URL="http://127.0.0.1:${PORT}"
 SECRET="bench-secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"

@@ -13,6 +13,7 @@ use crate::{
 };
 
 mod checkout;
+mod claim_batch;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod deadline;

@@ -2,7 +2,7 @@
 //! hold across processes are row locks: uploads serialise on the user's `users` row,
 //! consumptions on the target's budget row and on the package they take.
 
-use std::str::FromStr;
+use std::{str::FromStr, sync::Arc};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -16,6 +16,7 @@ use sqlx::{
 use super::{
     build_status,
     checkout::{Checkout, Lease},
+    claim_batch::{BatchError, Batcher, ClaimArgs, Runner},
     micros, not_after_key, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
     ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
     StoreError, UnreadRow, Upload, UploadOutcome, UploadPlan,
@@ -149,6 +150,16 @@ SELECT outcome, wait_us, expired_removed, kp_data AS data, kp_fingerprint AS fin
        kp_not_after AS not_after, kp_ref AS key_package_ref
 FROM kps_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
+/// Claims of different users at once ([`super::claim_batch`]): $1..$12 as for [`CONSUME`], each an
+/// array holding claim i at index i (the suites as `'{...}'` literals), with pairwise distinct
+/// targets and callers. One row per claim: its index in `claim`, then the columns of
+/// [`CONSUME`].
+pub const CONSUME_BATCH: &str = "\
+SELECT claim, outcome, wait_us, expired_removed, kp_data AS data, kp_fingerprint AS fingerprint,
+       kp_is_last_resort AS is_last_resort, kp_cipher_suite AS cipher_suite,
+       kp_not_after AS not_after, kp_ref AS key_package_ref
+FROM kps_claim_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
 /// Removes the user's expired regular packages and returns how many, with the digests of the
 /// rest. Runs under the lock [`LOCK_USER`] took, as a statement of its own, so its snapshot
 /// sees everything the previous upload of this user committed. $1 user, $2 now as a
@@ -251,12 +262,27 @@ const PARTITION_LOCK: i64 = 0x6b70_735f_7061_7274;
 /// session-level lock cannot be used (see [`migrate_in_one_transaction`]).
 const PGBOUNCER_MIGRATION_LOCK: i64 = 0x6b70_735f_6d69_6772;
 
+/// One claim statement may run per this many pool connections at once (at least one); claims
+/// beyond wait and then run in batches. A quarter leaves connections for uploads and reads, and
+/// makes batches form once a handful of claims run at once, where the database's commits
+/// become the bottleneck.
+const CLAIM_SLOTS_PER_CONNECTION: u32 = 4;
+
+/// The most claims one batch holds.
+const MAX_CLAIM_BATCH: usize = 32;
+
 /// Key packages in a Postgres database.
 pub struct PgStore {
-    /// Connections for requests.
-    pool: Checkout<Postgres>,
+    /// Claims, run alone or in batches ([`super::claim_batch`]) on the request connections, which
+    /// every other call borrows from it ([`PgStore::db`]).
+    claims: Arc<Batcher<Connections>>,
     /// One connection of the readiness probe's own, so a busy request pool cannot fail it.
     probe: PgPool,
+}
+
+/// The request connections and how statements run on them.
+struct Connections {
+    pool: Checkout<Postgres>,
     /// Behind PgBouncer (transaction pooling): the statement each transaction begins with,
     /// `BEGIN` plus the timeouts as `SET LOCAL`. `None` on a direct connection.
     bouncer: Option<String>,
@@ -265,7 +291,7 @@ pub struct PgStore {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("pgbouncer", &self.bouncer.is_some())
+            .field("pgbouncer", &self.db().bouncer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -295,7 +321,169 @@ impl Session<'_> {
     }
 }
 
+impl Connections {
+    /// A connection for one call, given back with [`Lease::release`] once the call ended
+    /// cleanly. Failing to get one means the database is unavailable.
+    async fn lease(&self) -> Result<Lease<'_, Postgres>, StoreError> {
+        self.pool.lease().await.map_err(StoreError::Unavailable)
+    }
+
+    /// A transaction on `conn`. Failing to begin means the database is unavailable, whatever
+    /// the error says (a refusal for any reason, a connection found dead): nothing of the call
+    /// has run, and a retry may well succeed.
+    async fn begin<'c>(
+        &self,
+        conn: &'c mut PgConnection,
+    ) -> Result<Transaction<'c, Postgres>, StoreError> {
+        let begun = match &self.bouncer {
+            None => conn.begin().await,
+            Some(begin) => conn.begin_with(begin.clone()).await,
+        };
+        begun.map_err(StoreError::Unavailable)
+    }
+
+    /// How a call of single statements runs on `conn`: in autocommit or, behind PgBouncer, in
+    /// a transaction, which is what keeps a statement's parse and execute on one server
+    /// session and sets the timeouts. Errors as [`PgStore::begin`].
+    async fn session<'c>(&self, conn: &'c mut PgConnection) -> Result<Session<'c>, StoreError> {
+        match self.bouncer {
+            None => Ok(Session::Plain(conn)),
+            Some(_) => self.begin(conn).await.map(Session::Pinned),
+        }
+    }
+
+    /// Whether statements are prepared once per connection and cached. Not behind PgBouncer:
+    /// the server session that holds a prepared statement is another client's by the next
+    /// transaction, so every statement there is unnamed, parsed where it runs.
+    fn persistent(&self) -> bool {
+        self.bouncer.is_none()
+    }
+
+    /// A statement of this store; see [`PgStore::persistent`].
+    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(self.persistent())
+    }
+
+    /// A statement returning rows of `R`; see [`PgStore::persistent`].
+    fn query_as<'q, R>(&self, sql: &'q str) -> QueryAs<'q, Postgres, R, PgArguments>
+    where
+        R: for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_as(sql).persistent(self.persistent())
+    }
+
+    /// A statement returning one value per row; see [`PgStore::persistent`].
+    fn query_scalar<'q, T>(&self, sql: &'q str) -> QueryScalar<'q, Postgres, T, PgArguments>
+    where
+        (T,): for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_scalar(sql).persistent(self.persistent())
+    }
+}
+
+#[async_trait]
+impl Runner for Connections {
+    type Row = ConsumeRow;
+
+    async fn one(&self, claim: &ClaimArgs) -> Result<ConsumeRow, StoreError> {
+        let mut lease = self.lease().await?;
+        let mut session = self.session(&mut lease).await?;
+        let row: ConsumeRow = self
+            .query_as(CONSUME)
+            .bind(claim.target.as_str())
+            .bind(claim.caller.as_deref())
+            .bind(claim.key.as_deref())
+            .bind(claim.ttl_us)
+            .bind(claim.now_us)
+            .bind(claim.suites.as_deref())
+            .bind(claim.target_interval_us)
+            .bind(claim.target_window_us)
+            .bind(claim.caller_interval_us)
+            .bind(claim.caller_window_us)
+            .bind(claim.pair_interval_us)
+            .bind(claim.pair_window_us)
+            .fetch_one(session.conn())
+            .await?;
+        session.finish().await?;
+        lease.release();
+        Ok(row)
+    }
+
+    async fn many(&self, claims: &[&ClaimArgs]) -> Result<Vec<ConsumeRow>, BatchError> {
+        fn column<T>(claims: &[&ClaimArgs], f: impl Fn(&ClaimArgs) -> T) -> Vec<T> {
+            claims.iter().map(|c| f(c)).collect()
+        }
+        let suites = column(claims, |c| {
+            c.suites.as_ref().map(|suites| {
+                let listed: Vec<String> = suites.iter().map(i32::to_string).collect();
+                format!("{{{}}}", listed.join(","))
+            })
+        });
+        let mut lease = self.lease().await.map_err(BatchError::RolledBack)?;
+        let mut session = self
+            .session(&mut lease)
+            .await
+            .map_err(BatchError::RolledBack)?;
+        let rows = self
+            .query(CONSUME_BATCH)
+            .bind(column(claims, |c| c.target.clone()))
+            .bind(column(claims, |c| c.caller.clone()))
+            .bind(column(claims, |c| c.key.clone()))
+            .bind(column(claims, |c| c.ttl_us))
+            .bind(column(claims, |c| c.now_us))
+            .bind(suites)
+            .bind(column(claims, |c| c.target_interval_us))
+            .bind(column(claims, |c| c.target_window_us))
+            .bind(column(claims, |c| c.caller_interval_us))
+            .bind(column(claims, |c| c.caller_window_us))
+            .bind(column(claims, |c| c.pair_interval_us))
+            .bind(column(claims, |c| c.pair_window_us))
+            .fetch_all(session.conn())
+            .await
+            .map_err(|e| match e {
+                // The database refused the statement: it rolled back whole.
+                sqlx::Error::Database(_) => BatchError::RolledBack(e.into()),
+                e => BatchError::Unknown(e.into()),
+            })?;
+        session.finish().await.map_err(BatchError::Unknown)?;
+        lease.release();
+        let unknown = |message: String| {
+            BatchError::Unknown(StoreError::Database(sqlx::Error::Protocol(message)))
+        };
+        let mut ordered: Vec<Option<ConsumeRow>> = claims.iter().map(|_| None).collect();
+        for row in &rows {
+            use sqlx::Row;
+            let claim: i32 = row
+                .try_get("claim")
+                .map_err(|e| BatchError::Unknown(e.into()))?;
+            let row = ConsumeRow::from_row(row).map_err(|e| BatchError::Unknown(e.into()))?;
+            let slot = usize::try_from(claim)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| ordered.get_mut(i))
+                .ok_or_else(|| {
+                    unknown(format!(
+                        "kps_claim_batch returned claim {claim} of {}",
+                        claims.len()
+                    ))
+                })?;
+            *slot = Some(row);
+        }
+        ordered
+            .into_iter()
+            .map(|row| {
+                row.ok_or_else(|| unknown("kps_claim_batch left a claim unanswered".to_owned()))
+            })
+            .collect()
+    }
+}
+
 impl PgStore {
+    /// The request connections.
+    fn db(&self) -> &Connections {
+        self.claims.runner()
+    }
+
     /// Connects and applies the Postgres migrations.
     ///
     /// The first connection is opened directly so that a start-up failure reports its cause;
@@ -360,77 +548,56 @@ impl PgStore {
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(pooled);
+        let slots = usize::try_from(max_connections / CLAIM_SLOTS_PER_CONNECTION)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let db = Connections { pool, bouncer };
         Ok(Self {
-            pool,
+            claims: Arc::new(Batcher::new(db, slots, MAX_CLAIM_BATCH)),
             probe,
-            bouncer,
         })
     }
 
-    /// A connection for one call, given back with [`Lease::release`] once the call ended
-    /// cleanly. Failing to get one means the database is unavailable.
-    async fn lease(&self) -> Result<Lease<'_, Postgres>, StoreError> {
-        self.pool.lease().await.map_err(StoreError::Unavailable)
+    /// Batches of two claims or more run so far, and the claims they held (see
+    /// [`super::claim_batch`]).
+    pub fn claim_batches(&self) -> (u64, u64) {
+        self.claims.batches()
     }
 
-    /// A transaction on `conn`. Failing to begin means the database is unavailable, whatever
-    /// the error says (a refusal for any reason, a connection found dead): nothing of the call
-    /// has run, and a retry may well succeed.
-    async fn begin<'c>(
+    /// Claims waiting for a claim slot now.
+    pub fn claims_waiting(&self) -> usize {
+        self.claims.waiting()
+    }
+
+    /// Runs `claims` as one batch, as the claim queue does under load, whatever the load; they
+    /// must name pairwise distinct targets and callers. For comparing batches with the same
+    /// claims one by one.
+    pub async fn consume_together(
         &self,
-        conn: &'c mut PgConnection,
-    ) -> Result<Transaction<'c, Postgres>, StoreError> {
-        let begun = match &self.bouncer {
-            None => conn.begin().await,
-            Some(begin) => conn.begin_with(begin.clone()).await,
-        };
-        begun.map_err(StoreError::Unavailable)
-    }
-
-    /// How a call of single statements runs on `conn`: in autocommit or, behind PgBouncer, in
-    /// a transaction, which is what keeps a statement's parse and execute on one server
-    /// session and sets the timeouts. Errors as [`PgStore::begin`].
-    async fn session<'c>(&self, conn: &'c mut PgConnection) -> Result<Session<'c>, StoreError> {
-        match self.bouncer {
-            None => Ok(Session::Plain(conn)),
-            Some(_) => self.begin(conn).await.map(Session::Pinned),
+        claims: &[Claim<'_>],
+    ) -> Result<Vec<Consumption>, StoreError> {
+        let args: Vec<ClaimArgs> = claims.iter().map(claim_args).collect();
+        for (i, claim) in args.iter().enumerate() {
+            if args[..i].iter().any(|earlier| earlier.overlaps(claim)) {
+                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                    "claim {i} shares its target or caller with an earlier one"
+                ))));
+            }
         }
-    }
-
-    /// Whether statements are prepared once per connection and cached. Not behind PgBouncer:
-    /// the server session that holds a prepared statement is another client's by the next
-    /// transaction, so every statement there is unnamed, parsed where it runs.
-    fn persistent(&self) -> bool {
-        self.bouncer.is_none()
-    }
-
-    /// A statement of this store; see [`PgStore::persistent`].
-    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
-        sqlx::query(sql).persistent(self.persistent())
-    }
-
-    /// A statement returning rows of `R`; see [`PgStore::persistent`].
-    fn query_as<'q, R>(&self, sql: &'q str) -> QueryAs<'q, Postgres, R, PgArguments>
-    where
-        R: for<'r> FromRow<'r, PgRow>,
-    {
-        sqlx::query_as(sql).persistent(self.persistent())
-    }
-
-    /// A statement returning one value per row; see [`PgStore::persistent`].
-    fn query_scalar<'q, T>(&self, sql: &'q str) -> QueryScalar<'q, Postgres, T, PgArguments>
-    where
-        (T,): for<'r> FromRow<'r, PgRow>,
-    {
-        sqlx::query_scalar(sql).persistent(self.persistent())
+        let refs: Vec<&ClaimArgs> = args.iter().collect();
+        let rows = self.db().many(&refs).await.map_err(|e| match e {
+            BatchError::RolledBack(e) | BatchError::Unknown(e) => e,
+        })?;
+        rows.into_iter().map(consumption).collect()
     }
 
     /// Runs a pruning statement ([`PRUNE_BUDGETS`], [`PRUNE_REPLAYS`]): $1 now (µs) or NULL,
     /// $2 the most rows to drop.
     async fn prune(&self, sql: &str, now_us: Option<i64>, limit: u32) -> Result<u64, StoreError> {
-        let mut lease = self.lease().await?;
-        let mut session = self.session(&mut lease).await?;
+        let mut lease = self.db().lease().await?;
+        let mut session = self.db().session(&mut lease).await?;
         let done = self
+            .db()
             .query(sql)
             .bind(now_us)
             .bind(i64::from(limit))
@@ -448,6 +615,7 @@ impl PgStore {
         now_unix: i64,
     ) -> Result<Status, StoreError> {
         let rows: Vec<StatusRow> = self
+            .db()
             .query_as(STATUS)
             .bind(user.as_str())
             .bind(now_key(now_unix).as_slice())
@@ -466,9 +634,10 @@ impl KeyPackageStore for PgStore {
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
         let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
-        let mut lease = self.lease().await?;
-        let mut tx = self.begin(&mut lease).await?;
+        let mut lease = self.db().lease().await?;
+        let mut tx = self.db().begin(&mut lease).await?;
         let (held_last_resort, first_seq): (Option<Vec<u8>>, i64) = self
+            .db()
             .query_as(LOCK_USER)
             .bind(user.as_str())
             .bind(fingerprint)
@@ -478,6 +647,7 @@ impl KeyPackageStore for PgStore {
             .fetch_one(&mut *tx)
             .await?;
         let (expired, held): (i64, Vec<Vec<u8>>) = self
+            .db()
             .query_as(HELD)
             .bind(user.as_str())
             .bind(now_key(now_unix).as_slice())
@@ -499,6 +669,7 @@ impl KeyPackageStore for PgStore {
             let last_resort = plan.last_resort.map(FactColumns::of);
             let keep = (MAX_REGULAR_PACKAGES - plan.regular.len()) as i64;
             let inserted: i64 = self
+                .db()
                 .query_scalar(WRITE_PLAN)
                 .bind(user.as_str())
                 .bind(digests)
@@ -537,71 +708,12 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
-        let suites: Option<Vec<i32>> =
-            (!claim.suites.is_empty()).then(|| claim.suites.iter().map(|&s| s.into()).collect());
-        let caller = claim.caller.as_ref();
-        let stage = |budget: Option<Budget>| {
-            let budget = budget.filter(|_| caller.is_some());
-            (
-                budget.map(|b| b.interval_us()),
-                budget.map(|b| b.window_us()),
-            )
-        };
-        let (caller_interval, caller_window) = stage(caller.and_then(|c| c.budget));
-        let (pair_interval, pair_window) = stage(caller.and_then(|c| c.pair_budget));
-        let key = caller.and_then(|c| c.idempotency);
-        let mut lease = self.lease().await?;
-        let mut session = self.session(&mut lease).await?;
-        let row: ConsumeRow = self
-            .query_as(CONSUME)
-            .bind(claim.target.as_str())
-            .bind(caller.map(|c| c.id.as_str()))
-            .bind(key.map(|(k, _)| k.as_str()))
-            .bind(key.map_or(0, |(_, ttl)| micros(ttl)))
-            .bind(claim.now_us)
-            .bind(suites)
-            .bind(claim.budget.interval_us())
-            .bind(claim.budget.window_us())
-            .bind(caller_interval)
-            .bind(caller_window)
-            .bind(pair_interval)
-            .bind(pair_window)
-            .fetch_one(session.conn())
-            .await?;
-        session.finish().await?;
-        lease.release();
-        let expired_removed = u64::try_from(row.expired_removed).unwrap_or(0);
-        let wait = std::time::Duration::from_micros(
-            row.wait_us.and_then(|w| u64::try_from(w).ok()).unwrap_or(0),
-        );
-        let refused = |scope| ConsumeOutcome::RateLimited {
-            retry_after: wait,
-            scope,
-        };
-        let outcome = match (row.outcome.as_str(), row.package) {
-            ("package", Some(package)) => ConsumeOutcome::Consumed(package.into()),
-            ("replayed", Some(package)) => ConsumeOutcome::Replayed(package.into()),
-            ("reused", _) => ConsumeOutcome::KeyReused,
-            ("incompatible", _) => ConsumeOutcome::Incompatible,
-            ("empty", _) => ConsumeOutcome::Empty,
-            ("caller", _) => refused(Scope::Caller),
-            ("pair", _) => refused(Scope::Pair),
-            ("target", _) => refused(Scope::Target),
-            (other, _) => {
-                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                    "kps_claim returned an unknown outcome {other:?}"
-                ))))
-            }
-        };
-        Ok(Consumption {
-            outcome,
-            expired_removed,
-        })
+        let row = self.claims.claim(claim_args(claim)).await?;
+        consumption(row)
     }
-
     async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {
-        let mut lease = self.lease().await?;
-        let mut session = self.session(&mut lease).await?;
+        let mut lease = self.db().lease().await?;
+        let mut session = self.db().session(&mut lease).await?;
         let status = self.status_in(session.conn(), user, now_unix).await?;
         session.finish().await?;
         lease.release();
@@ -609,9 +721,10 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn read_stored_facts(&self, limit: u32) -> Result<u64, StoreError> {
-        let mut lease = self.lease().await?;
-        let mut tx = self.begin(&mut lease).await?;
+        let mut lease = self.db().lease().await?;
+        let mut tx = self.db().begin(&mut lease).await?;
         let mut unread: Vec<UnreadRow> = self
+            .db()
             .query_as(UNREAD_REGULAR)
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
@@ -619,6 +732,7 @@ impl KeyPackageStore for PgStore {
         let room = u64::from(limit).saturating_sub(unread.len() as u64);
         if room > 0 {
             let last_resort: Vec<UnreadRow> = self
+                .db()
                 .query_as(UNREAD_LAST_RESORT)
                 .bind(room as i64)
                 .fetch_all(&mut *tx)
@@ -628,8 +742,11 @@ impl KeyPackageStore for PgStore {
         for row in &unread {
             let facts = FactColumns::read(&row.data);
             let query = match row.seq {
-                Some(seq) => self.query(SET_FACTS).bind(&row.user_id).bind(seq),
-                None => self.query(SET_LAST_RESORT_FACTS).bind(row.user_id.as_str()),
+                Some(seq) => self.db().query(SET_FACTS).bind(&row.user_id).bind(seq),
+                None => self
+                    .db()
+                    .query(SET_LAST_RESORT_FACTS)
+                    .bind(row.user_id.as_str()),
             };
             query
                 .bind(facts.cipher_suite)
@@ -644,10 +761,11 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn delete_all(&self, user: &UserId) -> Result<(), StoreError> {
-        let mut lease = self.lease().await?;
-        let mut tx = self.begin(&mut lease).await?;
+        let mut lease = self.db().lease().await?;
+        let mut tx = self.db().begin(&mut lease).await?;
         for statement in [DELETE_LAST_RESORT, DELETE_REGULAR] {
-            self.query(statement)
+            self.db()
+                .query(statement)
                 .bind(user.as_str())
                 .execute(&mut *tx)
                 .await?;
@@ -658,9 +776,10 @@ impl KeyPackageStore for PgStore {
     }
 
     async fn fingerprint(&self, user: &UserId) -> Result<Option<(Fingerprint, i64)>, StoreError> {
-        let mut lease = self.lease().await?;
-        let mut session = self.session(&mut lease).await?;
+        let mut lease = self.db().lease().await?;
+        let mut session = self.db().session(&mut lease).await?;
         let row: Option<FingerprintRow> = self
+            .db()
             .query_as(FINGERPRINT)
             .bind(user.as_str())
             .fetch_optional(session.conn())
@@ -734,6 +853,67 @@ async fn migrate_in_one_transaction(conn: &mut PgConnection) -> Result<(), Conne
         .await
         .map_err(ConnectError::Open)?;
     tx.commit().await.map_err(ConnectError::Open)
+}
+
+/// The arguments of [`CONSUME`] for `claim`.
+fn claim_args(claim: &Claim<'_>) -> ClaimArgs {
+    let caller = claim.caller.as_ref();
+    let stage = |budget: Option<Budget>| {
+        let budget = budget.filter(|_| caller.is_some());
+        (
+            budget.map(|b| b.interval_us()),
+            budget.map(|b| b.window_us()),
+        )
+    };
+    let (caller_interval_us, caller_window_us) = stage(caller.and_then(|c| c.budget));
+    let (pair_interval_us, pair_window_us) = stage(caller.and_then(|c| c.pair_budget));
+    let key = caller.and_then(|c| c.idempotency);
+    ClaimArgs {
+        target: claim.target.as_str().to_owned(),
+        caller: caller.map(|c| c.id.as_str().to_owned()),
+        key: key.map(|(k, _)| k.as_str().to_owned()),
+        ttl_us: key.map_or(0, |(_, ttl)| micros(ttl)),
+        now_us: claim.now_us,
+        suites: (!claim.suites.is_empty())
+            .then(|| claim.suites.iter().map(|&s| s.into()).collect()),
+        target_interval_us: claim.budget.interval_us(),
+        target_window_us: claim.budget.window_us(),
+        caller_interval_us,
+        caller_window_us,
+        pair_interval_us,
+        pair_window_us,
+    }
+}
+
+/// What a claim's row means.
+fn consumption(row: ConsumeRow) -> Result<Consumption, StoreError> {
+    let expired_removed = u64::try_from(row.expired_removed).unwrap_or(0);
+    let wait = std::time::Duration::from_micros(
+        row.wait_us.and_then(|w| u64::try_from(w).ok()).unwrap_or(0),
+    );
+    let refused = |scope| ConsumeOutcome::RateLimited {
+        retry_after: wait,
+        scope,
+    };
+    let outcome = match (row.outcome.as_str(), row.package) {
+        ("package", Some(package)) => ConsumeOutcome::Consumed(package.into()),
+        ("replayed", Some(package)) => ConsumeOutcome::Replayed(package.into()),
+        ("reused", _) => ConsumeOutcome::KeyReused,
+        ("incompatible", _) => ConsumeOutcome::Incompatible,
+        ("empty", _) => ConsumeOutcome::Empty,
+        ("caller", _) => refused(Scope::Caller),
+        ("pair", _) => refused(Scope::Pair),
+        ("target", _) => refused(Scope::Target),
+        (other, _) => {
+            return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "kps_claim returned an unknown outcome {other:?}"
+            ))))
+        }
+    };
+    Ok(Consumption {
+        outcome,
+        expired_removed,
+    })
 }
 
 /// A [`CONSUME`] row: the outcome, the wait when a budget refused, the package handed out or

@@ -1,0 +1,349 @@
+//! Group commit for claims: under load, claims that would wait for one another run together,
+//! as one statement in one transaction, so they share a round trip and a WAL flush.
+//!
+//! At most `slots` claim statements run at once. A claim that finds a slot free runs alone at
+//! once, so a lone claim never waits for company; one that finds them all busy queues. Each
+//! slot, as it frees, takes the queue's oldest claims with pairwise distinct targets and
+//! callers (up to `max_batch`) and runs them as one batch in a task of its own, which a caller
+//! hanging up cannot cancel. Claims of one batch share no row, so the batch hands out exactly
+//! what they would one after the other; a claim whose target or caller is already in the batch
+//! waits for the next one, in its place in the queue (FIFO per target holds).
+//!
+//! A batch the database rejects (an error it reported, so the transaction rolled back and
+//! nothing of it took effect) is run again claim by claim, so one bad claim cannot fail the
+//! others. Any other failure leaves the batch's outcome unknown: every claim of it fails as
+//! unavailable, as a lone claim would.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use super::StoreError;
+
+/// One claim's arguments, owned, so it can wait in the queue and run in another task.
+#[derive(Clone, Debug)]
+pub(super) struct ClaimArgs {
+    pub(super) target: String,
+    pub(super) caller: Option<String>,
+    pub(super) key: Option<String>,
+    pub(super) ttl_us: i64,
+    pub(super) now_us: Option<i64>,
+    /// The accepted suites; `None`: any.
+    pub(super) suites: Option<Vec<i32>>,
+    pub(super) target_interval_us: i64,
+    pub(super) target_window_us: i64,
+    pub(super) caller_interval_us: Option<i64>,
+    pub(super) caller_window_us: Option<i64>,
+    pub(super) pair_interval_us: Option<i64>,
+    pub(super) pair_window_us: Option<i64>,
+}
+
+impl ClaimArgs {
+    /// Whether the two claims would touch a common row: the same target, or the same caller
+    /// (whose budget and idempotency records they would share).
+    pub(super) fn overlaps(&self, other: &Self) -> bool {
+        self.target == other.target || (self.caller.is_some() && self.caller == other.caller)
+    }
+}
+
+/// How a batch failed.
+#[derive(Debug)]
+pub(super) enum BatchError {
+    /// The database refused it, and nothing of it took effect.
+    RolledBack(StoreError),
+    /// Anything else: it may or may not have taken effect.
+    Unknown(StoreError),
+}
+
+/// Runs claims on the database: one alone, or a batch of claims that share no row.
+#[async_trait]
+pub(super) trait Runner: Send + Sync + 'static {
+    /// What the claim's statement returns.
+    type Row: Send + 'static;
+
+    /// Runs one claim in a statement of its own.
+    async fn one(&self, claim: &ClaimArgs) -> Result<Self::Row, StoreError>;
+
+    /// Runs `claims`, which share no row, in one statement; one row per claim, in order.
+    async fn many(&self, claims: &[&ClaimArgs]) -> Result<Vec<Self::Row>, BatchError>;
+}
+
+/// A queued claim and where its outcome goes.
+struct Waiter<T> {
+    claim: ClaimArgs,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+struct Queue<T> {
+    /// Claim statements running (alone or as batches), at most `slots`.
+    running: usize,
+    waiting: VecDeque<Waiter<T>>,
+}
+
+/// Claims run alone while slots are free, and in batches once they queue.
+pub(super) struct Batcher<R: Runner> {
+    runner: R,
+    slots: usize,
+    max_batch: usize,
+    queue: Mutex<Queue<R::Row>>,
+    batches: AtomicU64,
+    batched: AtomicU64,
+}
+
+impl<R: Runner> Batcher<R> {
+    /// At most `slots` claim statements at once, batches of at most `max_batch` claims.
+    pub(super) fn new(runner: R, slots: usize, max_batch: usize) -> Self {
+        Self {
+            runner,
+            slots: slots.max(1),
+            max_batch: max_batch.max(1),
+            queue: Mutex::new(Queue {
+                running: 0,
+                waiting: VecDeque::new(),
+            }),
+            batches: AtomicU64::new(0),
+            batched: AtomicU64::new(0),
+        }
+    }
+
+    /// The runner, for the store's other calls.
+    pub(super) fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    /// Batches of two claims or more run so far, and the claims they held.
+    pub(super) fn batches(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.batched.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Claims waiting for a slot now.
+    pub(super) fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue<R::Row>> {
+        // The queue's invariants hold between statements, so a panic elsewhere leaves it usable.
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `claim`: at once if a slot is free, else in a batch once one frees.
+    pub(super) async fn claim(self: &Arc<Self>, claim: ClaimArgs) -> Result<R::Row, StoreError> {
+        let queued = {
+            let mut queue = self.lock();
+            if queue.running < self.slots {
+                queue.running += 1;
+                Ok(claim)
+            } else {
+                let (reply, outcome) = oneshot::channel();
+                queue.waiting.push_back(Waiter { claim, reply });
+                Err(outcome)
+            }
+        };
+        match queued {
+            Ok(claim) => {
+                let _slot = Slot(self.clone());
+                self.runner.one(&claim).await
+            }
+            Err(outcome) => outcome.await.unwrap_or_else(|_| Err(lost())),
+        }
+    }
+
+    /// A slot has freed: gives it to the next batch, or marks it free when nothing waits.
+    fn hand_on(self: &Arc<Self>) {
+        let batch = {
+            let mut queue = self.lock();
+            let batch = take_batch(&mut queue.waiting, self.max_batch);
+            if batch.is_empty() {
+                queue.running -= 1;
+                return;
+            }
+            batch
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let this = self.clone();
+                runtime.spawn(async move {
+                    let _slot = Slot(this.clone());
+                    this.run(batch).await;
+                });
+            }
+            // Only when the store is dropped outside a runtime: nobody is left to answer.
+            Err(_) => {
+                for waiter in batch {
+                    let _ = waiter.reply.send(Err(lost()));
+                }
+                self.lock().running -= 1;
+            }
+        }
+    }
+
+    /// Runs a batch and answers each of its claims.
+    async fn run(&self, mut batch: Vec<Waiter<R::Row>>) {
+        if batch.len() == 1 {
+            let waiter = batch.remove(0);
+            let _ = waiter.reply.send(self.runner.one(&waiter.claim).await);
+            return;
+        }
+        let claims: Vec<&ClaimArgs> = batch.iter().map(|w| &w.claim).collect();
+        let outcome = self.runner.many(&claims).await;
+        drop(claims);
+        match outcome {
+            Ok(rows) => {
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                self.batched
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for (waiter, row) in batch.into_iter().zip(rows) {
+                    let _ = waiter.reply.send(Ok(row));
+                }
+            }
+            Err(BatchError::RolledBack(error)) => {
+                tracing::warn!(claims = batch.len(), %error, "claim batch refused; running its claims one by one");
+                for waiter in batch {
+                    let _ = waiter.reply.send(self.runner.one(&waiter.claim).await);
+                }
+            }
+            Err(BatchError::Unknown(error)) => {
+                let message = error.to_string();
+                let mut first = Some(error);
+                for waiter in batch {
+                    let error = first.take().unwrap_or_else(|| {
+                        StoreError::Unavailable(sqlx::Error::Protocol(format!(
+                            "the claim batch failed: {message}"
+                        )))
+                    });
+                    let _ = waiter.reply.send(Err(error));
+                }
+            }
+        }
+    }
+}
+
+/// Holds a slot; dropping it (the claim answered, cancelled or panicked) hands the slot on.
+struct Slot<R: Runner>(Arc<Batcher<R>>);
+
+impl<R: Runner> Drop for Slot<R> {
+    fn drop(&mut self) {
+        self.0.hand_on();
+    }
+}
+
+/// The queue's oldest claims that share no row, up to `max`; claims whose caller stopped
+/// waiting (a deadline, a hang-up) are dropped unrun. Looks at `4 * max` claims at most, so a
+/// queue full of one hot target costs little to pass over.
+fn take_batch<T>(waiting: &mut VecDeque<Waiter<T>>, max: usize) -> Vec<Waiter<T>> {
+    let mut batch: Vec<Waiter<T>> = Vec::new();
+    let mut i = 0;
+    let mut looked = 0;
+    while i < waiting.len() && batch.len() < max && looked < max.saturating_mul(4) {
+        looked += 1;
+        if waiting[i].reply.is_closed() {
+            waiting.remove(i);
+        } else if batch.iter().any(|b| b.claim.overlaps(&waiting[i].claim)) {
+            i += 1;
+        } else if let Some(waiter) = waiting.remove(i) {
+            batch.push(waiter);
+        }
+    }
+    batch
+}
+
+/// The answer of a claim whose batch ended without answering it.
+fn lost() -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Protocol(
+        "the claim's batch ended without an outcome".to_owned(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(target: &str, caller: Option<&str>) -> ClaimArgs {
+        ClaimArgs {
+            target: target.to_owned(),
+            caller: caller.map(str::to_owned),
+            key: None,
+            ttl_us: 0,
+            now_us: None,
+            suites: None,
+            target_interval_us: 1,
+            target_window_us: 1,
+            caller_interval_us: None,
+            caller_window_us: None,
+            pair_interval_us: None,
+            pair_window_us: None,
+        }
+    }
+
+    type Outcome = oneshot::Receiver<Result<(), StoreError>>;
+
+    fn queue(claims: &[(&str, Option<&str>)]) -> (VecDeque<Waiter<()>>, Vec<Outcome>) {
+        let mut waiting = VecDeque::new();
+        let mut outcomes = Vec::new();
+        for &(target, caller) in claims {
+            let (reply, outcome) = oneshot::channel();
+            waiting.push_back(Waiter {
+                claim: claim(target, caller),
+                reply,
+            });
+            outcomes.push(outcome);
+        }
+        (waiting, outcomes)
+    }
+
+    fn targets<T>(waiters: &[Waiter<T>]) -> Vec<&str> {
+        waiters.iter().map(|w| w.claim.target.as_str()).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_claims_that_share_no_target_or_caller() {
+        let (mut waiting, _outcomes) = queue(&[
+            ("a", Some("x")),
+            ("a", Some("y")),
+            ("b", Some("x")),
+            ("c", None),
+            ("d", None),
+            ("e", Some("y")),
+        ]);
+        let batch = take_batch(&mut waiting, 10);
+        assert_eq!(targets(&batch), ["a", "c", "d", "e"]);
+        // The rest keep their order for the next batch, which again takes what it can.
+        assert_eq!(targets(waiting.make_contiguous()), ["a", "b"]);
+        let batch = take_batch(&mut waiting, 10);
+        assert_eq!(targets(&batch), ["a", "b"]);
+        assert!(waiting.is_empty());
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_size_and_skips_claims_nobody_waits_for() {
+        let (mut waiting, mut outcomes) =
+            queue(&[("a", None), ("b", None), ("c", None), ("d", None)]);
+        outcomes.remove(1);
+        let batch = take_batch(&mut waiting, 2);
+        assert_eq!(targets(&batch), ["a", "c"]);
+        assert_eq!(targets(waiting.make_contiguous()), ["d"]);
+    }
+
+    #[test]
+    fn a_queue_of_one_hot_target_is_passed_over_in_bounded_steps() {
+        let mut claims = vec![("hot", None); 100];
+        claims.push(("cold", None));
+        let (mut waiting, _outcomes) = queue(&claims);
+        let batch = take_batch(&mut waiting, 4);
+        // One hot claim, then 15 more looked at and left; the cold one is beyond the bound.
+        assert_eq!(targets(&batch), ["hot"]);
+        assert_eq!(waiting.len(), 100);
+    }
+}
