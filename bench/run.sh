@@ -20,6 +20,7 @@
 #   BUDGET=10       KPS_CONSUME_LIMIT_PER_MINUTE of the server and the ceilings
 #   CALLER_BUDGET=0 PAIR_BUDGET=0   the per-caller and per-pair limits (0: off, as v1)
 #   CALLERS=100000  distinct callers of the pgbench ceiling
+#   PGBENCH_CONNS="4 8 16 64"   client counts of the pgbench ceiling (the best one is the ceiling)
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres   (a fresh database is created)
 #   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
 #   SERVER=target/release/keypackage-server   the server binary (another build, to set beside)
@@ -43,6 +44,7 @@ BUDGET="${BUDGET:-10}"
 CALLER_BUDGET="${CALLER_BUDGET:-0}"
 PAIR_BUDGET="${PAIR_BUDGET:-0}"
 CALLERS="${CALLERS:-100000}"
+PGBENCH_CONNS="${PGBENCH_CONNS:-4 8 16 64}"
 PG_ADMIN_URL="${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 PORT="${PORT:-18087}"
 GROWTH_SIZES="${GROWTH_SIZES:-10000 100000 1000000}"
@@ -201,15 +203,21 @@ scenarios() { # backend
       [[ "$scenario" == healthz ]] && continue
       if [[ "$backend" == postgres ]]; then
         store_ceiling "$scenario" "$conns" "$backend" "${db_args[@]}"
-        if [[ "$scenario" != status ]]; then
-          pgbench_ceiling "$scenario" "$conns" "$backend-pgbench"
-        fi
       else
         store_ceiling "$scenario" "$conns" "$backend"
       fi
     done
   done
   stop_server
+  if [[ "$backend" == postgres ]]; then
+    # The ceiling is pgbench at its best client count, whatever the server was driven at.
+    for scenario in $SCENARIOS; do
+      [[ "$scenario" == healthz || "$scenario" == status ]] && continue
+      for conns in $PGBENCH_CONNS; do
+        pgbench_ceiling "$scenario" "$conns" "$backend-pgbench"
+      done
+    done
+  fi
   log ""
   log "## $backend ratios (server over HTTP / ceiling), ops/s"
   for conns in $CONNS; do
@@ -219,8 +227,10 @@ scenarios() { # backend
       server=$(grep "^RESULT label=$backend scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
       store=$(grep "^RESULT label=$backend-ceiling scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
       if [[ "$backend" == postgres && "$scenario" != status ]]; then
-        pg=$(grep "^RESULT label=$backend-pgbench scenario=$scenario op=all conns=$conns " "$RESULTS" | tail -n1 | sed -n 's/.* rps=\([0-9.]*\).*/\1/p')
-        log "RATIO $backend $scenario c=$conns server=$server store_in_process=$store pgbench=$pg server/pgbench=$(ratio "$server" "$pg") server/store=$(ratio "$server" "$store")"
+        local best_conns
+        read -r pg best_conns < <(grep "^RESULT label=$backend-pgbench scenario=$scenario op=all " "$RESULTS" \
+          | sed -n 's/.* conns=\([0-9]*\) rps=\([0-9.]*\).*/\2 \1/p' | sort -g | tail -n1) || true
+        log "RATIO $backend $scenario c=$conns server=$server store_in_process=$store pgbench_best=$pg (c=$best_conns) server/pgbench_best=$(ratio "$server" "$pg") server/store=$(ratio "$server" "$store")"
       else
         log "RATIO $backend $scenario c=$conns server=$server store_in_process=$store server/store=$(ratio "$server" "$store")"
       fi

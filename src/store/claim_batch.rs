@@ -1,13 +1,15 @@
 //! Group commit for claims: under load, claims that would wait for one another run together,
 //! as one statement in one transaction, so they share a round trip and a WAL flush.
 //!
-//! At most `slots` claim statements run at once. A claim that finds a slot free runs alone at
-//! once, so a lone claim never waits for company; one that finds them all busy queues. Each
-//! slot, as it frees, takes the queue's oldest claims with pairwise distinct targets and
-//! callers (up to `max_batch`) and runs them as one batch in a task of its own, which a caller
-//! hanging up cannot cancel. Claims of one batch share no row, so the batch hands out exactly
-//! what they would one after the other; a claim whose target or caller is already in the batch
-//! waits for the next one, in its place in the queue (FIFO per target holds).
+//! At most `slots` claim statements run at once. A claim that finds a slot free (and no
+//! running claim of its target or caller) runs alone at once, so a lone claim never waits for
+//! company; any other queues. Each slot, as it frees, takes the queue's oldest claims with
+//! pairwise distinct targets and callers, none shared with a claim still running (up to
+//! `max_batch`), and runs them as one batch in a task of its own, which a caller hanging up
+//! cannot cancel. Claims of one batch share no row, so the batch hands out exactly what they
+//! would one after the other; a claim whose target or caller is taken waits for a later batch,
+//! in its place in the queue (FIFO per target holds), and a target whose rows are locked holds
+//! one slot at most while the other claims go on.
 //!
 //! A batch the database rejects (an error it reported, so the transaction rolled back and
 //! nothing of it took effect) is run again claim by claim, so one bad claim cannot fail the
@@ -84,7 +86,49 @@ struct Waiter<T> {
 struct Queue<T> {
     /// Claim statements running (alone or as batches), at most `slots`.
     running: usize,
+    /// The [`RowKeys`] of every claim running: a claim sharing a target or caller with one of
+    /// them waits, so one target whose rows are locked (an upload in flight, a stuck
+    /// transaction) holds one slot at most, never all of them.
+    busy: Vec<u64>,
     waiting: VecDeque<Waiter<T>>,
+}
+
+impl<T> Queue<T> {
+    fn is_busy(&self, claim: &ClaimArgs) -> bool {
+        row_keys(claim)
+            .into_iter()
+            .flatten()
+            .any(|k| self.busy.contains(&k))
+    }
+
+    fn mark_busy(&mut self, claims: &[&ClaimArgs]) -> Vec<u64> {
+        let keys: Vec<u64> = claims.iter().flat_map(|c| row_keys(c)).flatten().collect();
+        self.busy.extend_from_slice(&keys);
+        keys
+    }
+
+    fn mark_done(&mut self, keys: &[u64]) {
+        for key in keys {
+            if let Some(i) = self.busy.iter().position(|k| k == key) {
+                self.busy.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// Hashes of the rows a claim owns: its target's and, if any, its caller's. A collision only
+/// makes a claim wait for the next slot.
+fn row_keys(claim: &ClaimArgs) -> [Option<u64>; 2] {
+    use std::hash::{Hash, Hasher};
+    let hash = |kind: u8, id: &str| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (kind, id).hash(&mut hasher);
+        hasher.finish()
+    };
+    [
+        Some(hash(0, &claim.target)),
+        claim.caller.as_deref().map(|c| hash(1, c)),
+    ]
 }
 
 /// Claims run alone while slots are free, and in batches once they queue.
@@ -106,6 +150,7 @@ impl<R: Runner> Batcher<R> {
             max_batch: max_batch.max(1),
             queue: Mutex::new(Queue {
                 running: 0,
+                busy: Vec::new(),
                 waiting: VecDeque::new(),
             }),
             batches: AtomicU64::new(0),
@@ -142,9 +187,10 @@ impl<R: Runner> Batcher<R> {
     pub(super) async fn claim(self: &Arc<Self>, claim: ClaimArgs) -> Result<R::Row, StoreError> {
         let queued = {
             let mut queue = self.lock();
-            if queue.running < self.slots {
+            if queue.running < self.slots && !queue.is_busy(&claim) {
                 queue.running += 1;
-                Ok(claim)
+                let keys = queue.mark_busy(&[&claim]);
+                Ok((claim, keys))
             } else {
                 let (reply, outcome) = oneshot::channel();
                 queue.waiting.push_back(Waiter { claim, reply });
@@ -152,30 +198,34 @@ impl<R: Runner> Batcher<R> {
             }
         };
         match queued {
-            Ok(claim) => {
-                let _slot = Slot(self.clone());
+            Ok((claim, keys)) => {
+                let _slot = Slot(self.clone(), keys);
                 self.runner.one(&claim).await
             }
             Err(outcome) => outcome.await.unwrap_or_else(|_| Err(lost())),
         }
     }
 
-    /// A slot has freed: gives it to the next batch, or marks it free when nothing waits.
-    fn hand_on(self: &Arc<Self>) {
-        let batch = {
+    /// A slot's claims (`done`, their row keys) have ended: gives the slot to the next batch,
+    /// or marks it free when nothing it may run waits.
+    fn hand_on(self: &Arc<Self>, done: &[u64]) {
+        let (batch, keys) = {
             let mut queue = self.lock();
-            let batch = take_batch(&mut queue.waiting, self.max_batch);
+            queue.mark_done(done);
+            let batch = take_batch(&mut queue, self.max_batch);
             if batch.is_empty() {
                 queue.running -= 1;
                 return;
             }
-            batch
+            let claims: Vec<&ClaimArgs> = batch.iter().map(|w| &w.claim).collect();
+            let keys = queue.mark_busy(&claims);
+            (batch, keys)
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let this = self.clone();
                 runtime.spawn(async move {
-                    let _slot = Slot(this.clone());
+                    let _slot = Slot(this.clone(), keys);
                     this.run(batch).await;
                 });
             }
@@ -184,7 +234,9 @@ impl<R: Runner> Batcher<R> {
                 for waiter in batch {
                     let _ = waiter.reply.send(Err(lost()));
                 }
-                self.lock().running -= 1;
+                let mut queue = self.lock();
+                queue.mark_done(&keys);
+                queue.running -= 1;
             }
         }
     }
@@ -230,29 +282,34 @@ impl<R: Runner> Batcher<R> {
     }
 }
 
-/// Holds a slot; dropping it (the claim answered, cancelled or panicked) hands the slot on.
-struct Slot<R: Runner>(Arc<Batcher<R>>);
+/// Holds a slot for claims of these row keys; dropping it (the claims answered, cancelled or
+/// panicked) hands the slot on.
+struct Slot<R: Runner>(Arc<Batcher<R>>, Vec<u64>);
 
 impl<R: Runner> Drop for Slot<R> {
     fn drop(&mut self) {
-        self.0.hand_on();
+        self.0.hand_on(&self.1);
     }
 }
 
-/// The queue's oldest claims that share no row, up to `max`; claims whose caller stopped
-/// waiting (a deadline, a hang-up) are dropped unrun. Looks at `4 * max` claims at most, so a
-/// queue full of one hot target costs little to pass over.
-fn take_batch<T>(waiting: &mut VecDeque<Waiter<T>>, max: usize) -> Vec<Waiter<T>> {
+/// Claims [`take_batch`] looks at, at most, so a deep queue of one hot target costs bounded
+/// work to pass over.
+const LOOK_AHEAD: usize = 1024;
+
+/// The queue's oldest claims that share no row with each other or with a running claim, up to
+/// `max`; claims whose caller stopped waiting (a deadline, a hang-up) are dropped unrun.
+fn take_batch<T>(queue: &mut Queue<T>, max: usize) -> Vec<Waiter<T>> {
     let mut batch: Vec<Waiter<T>> = Vec::new();
     let mut i = 0;
     let mut looked = 0;
-    while i < waiting.len() && batch.len() < max && looked < max.saturating_mul(4) {
+    while i < queue.waiting.len() && batch.len() < max && looked < LOOK_AHEAD {
         looked += 1;
-        if waiting[i].reply.is_closed() {
-            waiting.remove(i);
-        } else if batch.iter().any(|b| b.claim.overlaps(&waiting[i].claim)) {
+        let claim = &queue.waiting[i].claim;
+        if queue.waiting[i].reply.is_closed() {
+            queue.waiting.remove(i);
+        } else if queue.is_busy(claim) || batch.iter().any(|b| b.claim.overlaps(claim)) {
             i += 1;
-        } else if let Some(waiter) = waiting.remove(i) {
+        } else if let Some(waiter) = queue.waiting.remove(i) {
             batch.push(waiter);
         }
     }
@@ -289,7 +346,7 @@ mod tests {
 
     type Outcome = oneshot::Receiver<Result<(), StoreError>>;
 
-    fn queue(claims: &[(&str, Option<&str>)]) -> (VecDeque<Waiter<()>>, Vec<Outcome>) {
+    fn queue(claims: &[(&str, Option<&str>)]) -> (Queue<()>, Vec<Outcome>) {
         let mut waiting = VecDeque::new();
         let mut outcomes = Vec::new();
         for &(target, caller) in claims {
@@ -300,7 +357,12 @@ mod tests {
             });
             outcomes.push(outcome);
         }
-        (waiting, outcomes)
+        let queue = Queue {
+            running: 0,
+            busy: Vec::new(),
+            waiting,
+        };
+        (queue, outcomes)
     }
 
     fn targets<T>(waiters: &[Waiter<T>]) -> Vec<&str> {
@@ -309,7 +371,7 @@ mod tests {
 
     #[test]
     fn a_batch_takes_the_oldest_claims_that_share_no_target_or_caller() {
-        let (mut waiting, _outcomes) = queue(&[
+        let (mut queue, _outcomes) = queue(&[
             ("a", Some("x")),
             ("a", Some("y")),
             ("b", Some("x")),
@@ -317,33 +379,45 @@ mod tests {
             ("d", None),
             ("e", Some("y")),
         ]);
-        let batch = take_batch(&mut waiting, 10);
+        let batch = take_batch(&mut queue, 10);
         assert_eq!(targets(&batch), ["a", "c", "d", "e"]);
         // The rest keep their order for the next batch, which again takes what it can.
-        assert_eq!(targets(waiting.make_contiguous()), ["a", "b"]);
-        let batch = take_batch(&mut waiting, 10);
+        assert_eq!(targets(queue.waiting.make_contiguous()), ["a", "b"]);
+        let batch = take_batch(&mut queue, 10);
         assert_eq!(targets(&batch), ["a", "b"]);
-        assert!(waiting.is_empty());
+        assert!(queue.waiting.is_empty());
     }
 
     #[test]
     fn a_batch_stops_at_its_size_and_skips_claims_nobody_waits_for() {
-        let (mut waiting, mut outcomes) =
+        let (mut queue, mut outcomes) =
             queue(&[("a", None), ("b", None), ("c", None), ("d", None)]);
         outcomes.remove(1);
-        let batch = take_batch(&mut waiting, 2);
+        let batch = take_batch(&mut queue, 2);
         assert_eq!(targets(&batch), ["a", "c"]);
-        assert_eq!(targets(waiting.make_contiguous()), ["d"]);
+        assert_eq!(targets(queue.waiting.make_contiguous()), ["d"]);
+    }
+
+    #[test]
+    fn claims_of_a_target_or_caller_already_running_wait_until_it_ends() {
+        let (mut queue, _outcomes) = queue(&[("a", None), ("b", Some("x")), ("c", None)]);
+        let running = [claim("a", None), claim("z", Some("x"))];
+        let keys = queue.mark_busy(&[&running[0], &running[1]]);
+        assert_eq!(targets(&take_batch(&mut queue, 10)), ["c"]);
+        queue.mark_done(&keys);
+        assert!(queue.busy.is_empty());
+        assert_eq!(targets(&take_batch(&mut queue, 10)), ["a", "b"]);
     }
 
     #[test]
     fn a_queue_of_one_hot_target_is_passed_over_in_bounded_steps() {
-        let mut claims = vec![("hot", None); 100];
+        let mut claims = vec![("hot", None); LOOK_AHEAD + 10];
         claims.push(("cold", None));
-        let (mut waiting, _outcomes) = queue(&claims);
-        let batch = take_batch(&mut waiting, 4);
-        // One hot claim, then 15 more looked at and left; the cold one is beyond the bound.
+        let (mut queue, _outcomes) = queue(&claims);
+        let batch = take_batch(&mut queue, 4);
+        // One hot claim, then hot ones looked at and left up to the bound; the cold one is
+        // beyond it.
         assert_eq!(targets(&batch), ["hot"]);
-        assert_eq!(waiting.len(), 100);
+        assert_eq!(queue.waiting.len(), LOOK_AHEAD + 10);
     }
 }

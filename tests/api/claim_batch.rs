@@ -176,17 +176,18 @@ async fn a_batch_hands_out_exactly_what_its_claims_would_one_by_one() {
     assert!(batched_claims > 100);
 }
 
-/// The claims of `targets`, each by a caller of its own, spawned at once.
+/// The claims of `targets`, each by a caller of its own (`{callers}{i}`), spawned at once.
 fn spawn_claims(
     store: &Arc<PgStore>,
     targets: &[String],
+    callers: &str,
 ) -> Vec<tokio::task::JoinHandle<Result<ConsumeOutcome, StoreError>>> {
     targets
         .iter()
         .enumerate()
         .map(|(i, target)| {
             let (store, target, caller) =
-                (store.clone(), user(target), user(&format!("caller{i}")));
+                (store.clone(), user(target), user(&format!("{callers}{i}")));
             tokio::spawn(async move {
                 let claim = Claim {
                     caller: Some(Caller {
@@ -259,14 +260,14 @@ async fn claims_queued_behind_a_busy_slot_run_as_one_batch() {
             .expect("upload");
     }
     let mut lock = lock_user(&db, "bob").await;
-    let blocked = spawn_claims(&store, &["bob".to_owned()]);
+    let blocked = spawn_claims(&store, &["bob".to_owned()], "c0-");
     let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
     let name = crate::pg_admin::db_name(&db);
     crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
 
     let mut queued: Vec<String> = cold.clone();
     queued.extend(std::iter::repeat_n("hot".to_owned(), 5));
-    let tasks = spawn_claims(&store, &queued);
+    let tasks = spawn_claims(&store, &queued, "c1-");
     wait_for_queue(&store, queued.len()).await;
     assert_eq!(store.claim_batches(), (0, 0));
     sqlx::query("COMMIT")
@@ -308,11 +309,11 @@ async fn a_refused_batch_runs_again_claim_by_claim() {
     }
     let mut bob = lock_user(&db, "bob").await;
     let stuck = lock_user(&db, "u3").await;
-    let blocked = spawn_claims(&store, &["bob".to_owned()]);
+    let blocked = spawn_claims(&store, &["bob".to_owned()], "c2-");
     let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
     let name = crate::pg_admin::db_name(&db);
     crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
-    let tasks = spawn_claims(&store, &names);
+    let tasks = spawn_claims(&store, &names, "c3-");
     wait_for_queue(&store, names.len()).await;
     sqlx::query("COMMIT")
         .execute(&mut bob)
@@ -337,4 +338,45 @@ async fn a_refused_batch_runs_again_claim_by_claim() {
     drop(stuck);
     let left = store.status(&user("u3"), 0).await.expect("status");
     assert_eq!(left.regular_count, 2);
+}
+
+/// With two claim slots (16 connections), claims of a target whose row a stuck transaction
+/// holds take one slot at most: the first waits for the lock, the others queue behind it, and
+/// claims of other targets go on in the other slot meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_target_holds_one_claim_slot_at_most() {
+    let Some(db) = postgres_only!() else { return };
+    let store = Arc::new(pg_store(&db, 16).await);
+    let cold: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    for name in cold.iter().chain(["bob".to_owned()].iter()) {
+        store
+            .upload(&user(name), &upload_of(name, 3, false), 0)
+            .await
+            .expect("upload");
+    }
+    let mut lock = lock_user(&db, "bob").await;
+    let first = spawn_claims(&store, &["bob".to_owned()], "c4-");
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let name = crate::pg_admin::db_name(&db);
+    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
+    let more = spawn_claims(&store, &["bob".to_owned(), "bob".to_owned()], "c5-");
+    wait_for_queue(&store, 2).await;
+
+    for (name, task) in cold.iter().zip(spawn_claims(&store, &cold, "c6-")) {
+        assert_eq!(package_of(task).await, format!("{name}-0"));
+    }
+    assert!(
+        first.iter().chain(&more).all(|task| !task.is_finished()),
+        "bob's claims still wait for the lock"
+    );
+    sqlx::query("COMMIT")
+        .execute(&mut lock)
+        .await
+        .expect("commit");
+    let mut bob = Vec::new();
+    for task in first.into_iter().chain(more) {
+        bob.push(package_of(task).await);
+    }
+    bob.sort();
+    assert_eq!(bob, ["bob-0", "bob-1", "bob-2"]);
 }
