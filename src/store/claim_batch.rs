@@ -58,10 +58,11 @@ impl ClaimArgs {
 /// How a batch failed.
 #[derive(Debug)]
 pub(super) enum BatchError {
-    /// The database refused it, and nothing of it took effect.
-    RolledBack(StoreError),
-    /// Anything else: it may or may not have taken effect.
-    Unknown(StoreError),
+    /// The database refused it and nothing of it took effect: its claims run again one by one.
+    Refused(StoreError),
+    /// It may have taken effect, or the database is unavailable to all its claims alike: each
+    /// claim fails as unavailable.
+    Failed(StoreError),
 }
 
 /// Runs claims on the database: one alone, or a batch of claims that share no row.
@@ -260,13 +261,13 @@ impl<R: Runner> Batcher<R> {
                     let _ = waiter.reply.send(Ok(row));
                 }
             }
-            Err(BatchError::RolledBack(error)) => {
+            Err(BatchError::Refused(error)) => {
                 tracing::warn!(claims = batch.len(), %error, "claim batch refused; running its claims one by one");
                 for waiter in batch {
                     let _ = waiter.reply.send(self.runner.one(&waiter.claim).await);
                 }
             }
-            Err(BatchError::Unknown(error)) => {
+            Err(BatchError::Failed(error)) => {
                 let message = error.to_string();
                 let mut first = Some(error);
                 for waiter in batch {

@@ -346,7 +346,7 @@ impl Connections {
 
     /// How a call of single statements runs on `conn`: in autocommit or, behind PgBouncer, in
     /// a transaction, which is what keeps a statement's parse and execute on one server
-    /// session and sets the timeouts. Errors as [`PgStore::begin`].
+    /// session and sets the timeouts. Errors as [`Connections::begin`].
     async fn session<'c>(&self, conn: &'c mut PgConnection) -> Result<Session<'c>, StoreError> {
         match self.bouncer {
             None => Ok(Session::Plain(conn)),
@@ -361,12 +361,12 @@ impl Connections {
         self.bouncer.is_none()
     }
 
-    /// A statement of this store; see [`PgStore::persistent`].
+    /// A statement of this store; see [`Connections::persistent`].
     fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
         sqlx::query(sql).persistent(self.persistent())
     }
 
-    /// A statement returning rows of `R`; see [`PgStore::persistent`].
+    /// A statement returning rows of `R`; see [`Connections::persistent`].
     fn query_as<'q, R>(&self, sql: &'q str) -> QueryAs<'q, Postgres, R, PgArguments>
     where
         R: for<'r> FromRow<'r, PgRow>,
@@ -374,7 +374,7 @@ impl Connections {
         sqlx::query_as(sql).persistent(self.persistent())
     }
 
-    /// A statement returning one value per row; see [`PgStore::persistent`].
+    /// A statement returning one value per row; see [`Connections::persistent`].
     fn query_scalar<'q, T>(&self, sql: &'q str) -> QueryScalar<'q, Postgres, T, PgArguments>
     where
         (T,): for<'r> FromRow<'r, PgRow>,
@@ -421,11 +421,10 @@ impl Runner for Connections {
                 format!("{{{}}}", listed.join(","))
             })
         });
-        let mut lease = self.lease().await.map_err(BatchError::RolledBack)?;
-        let mut session = self
-            .session(&mut lease)
-            .await
-            .map_err(BatchError::RolledBack)?;
+        // No connection, or no transaction on it: the database is unavailable for every claim
+        // alike, so running them one by one would only wait again, once per claim.
+        let mut lease = self.lease().await.map_err(BatchError::Failed)?;
+        let mut session = self.session(&mut lease).await.map_err(BatchError::Failed)?;
         let rows = self
             .query(CONSUME_BATCH)
             .bind(column(claims, |c| c.target.clone()))
@@ -444,21 +443,21 @@ impl Runner for Connections {
             .await
             .map_err(|e| match e {
                 // The database refused the statement: it rolled back whole.
-                sqlx::Error::Database(_) => BatchError::RolledBack(e.into()),
-                e => BatchError::Unknown(e.into()),
+                sqlx::Error::Database(_) => BatchError::Refused(e.into()),
+                e => BatchError::Failed(e.into()),
             })?;
-        session.finish().await.map_err(BatchError::Unknown)?;
+        session.finish().await.map_err(BatchError::Failed)?;
         lease.release();
         let unknown = |message: String| {
-            BatchError::Unknown(StoreError::Database(sqlx::Error::Protocol(message)))
+            BatchError::Failed(StoreError::Database(sqlx::Error::Protocol(message)))
         };
         let mut ordered: Vec<Option<ConsumeRow>> = claims.iter().map(|_| None).collect();
         for row in &rows {
             use sqlx::Row;
             let claim: i32 = row
                 .try_get("claim")
-                .map_err(|e| BatchError::Unknown(e.into()))?;
-            let row = ConsumeRow::from_row(row).map_err(|e| BatchError::Unknown(e.into()))?;
+                .map_err(|e| BatchError::Failed(e.into()))?;
+            let row = ConsumeRow::from_row(row).map_err(|e| BatchError::Failed(e.into()))?;
             let slot = usize::try_from(claim)
                 .ok()
                 .and_then(|i| i.checked_sub(1))
@@ -588,7 +587,7 @@ impl PgStore {
         }
         let refs: Vec<&ClaimArgs> = args.iter().collect();
         let rows = self.db().many(&refs).await.map_err(|e| match e {
-            BatchError::RolledBack(e) | BatchError::Unknown(e) => e,
+            BatchError::Refused(e) | BatchError::Failed(e) => e,
         })?;
         rows.into_iter().map(consumption).collect()
     }
