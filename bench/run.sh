@@ -54,7 +54,7 @@ OUT="${OUT:-/tmp/kps-bench-$(date +%Y%m%d-%H%M%S)}"
 export RUST_LOG="${RUST_LOG:-info}"
 
 SERVER="${SERVER:-target/release/keypackage-server}"
-BENCH=target/release/kps-bench
+BENCH="${BENCH:-target/release/kps-bench}"
 URL="http://127.0.0.1:${PORT}"
 SECRET="bench-secret-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export KPS_JWT_SECRET="$SECRET"

@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
-use keypackage_server::store::postgres::{CONSUME, HELD, LOCK_USER, STATUS, WRITE_PLAN};
+use keypackage_server::store::postgres::{CONSUME, UPLOAD};
 
 /// Replaces `$1`, `$2`, … by the given expressions (highest numbers first, so `$1` never
 /// eats the start of `$10`).
@@ -20,11 +20,6 @@ fn bind(sql: &str, params: &[&str]) -> String {
 /// pgbench wants each statement on one line (or ending in `;`): keep the text, end with `;`.
 fn statement(sql: &str) -> String {
     format!("{};\n", sql.trim().trim_end_matches(';'))
-}
-
-/// A statement whose one-row result columns become pgbench variables (`\gset`).
-fn statement_gset(sql: &str) -> String {
-    format!("{} \\gset\n", sql.trim().trim_end_matches(';'))
 }
 
 /// Writes `consume.sql`, `upload.sql` and `mixed.sql` into `out`, uploading packages of `size`
@@ -67,45 +62,29 @@ pub(crate) fn write_scripts(out: &Path, size: usize) -> Result<()> {
             "NULLIF(:pair_window, 0)::bigint",
         ],
     ));
-    let mut upload_sql = String::new();
-    upload_sql.push_str("BEGIN;\n");
-    // The first position of the user's FIFO order the lock reserved, as `:first_seq`.
-    upload_sql.push_str(&statement_gset(&format!(
-        "WITH locked AS ({}) SELECT first_seq FROM locked",
-        bind(
-            LOCK_USER,
-            &[
-                user,
-                fingerprint,
-                now_s,
-                "1::bigint",
-                &format!("int8send({now_s} + 86400)"),
-            ]
-        )
-    )));
-    upload_sql.push_str(&statement(&bind(HELD, &[user, &now_key])));
-    upload_sql.push_str(&statement(&bind(
-        WRITE_PLAN,
+    let expiry = format!("int8send({now_s} + 86400)");
+    let upload_sql = statement(&bind(
+        UPLOAD,
         &[
             user,
+            fingerprint,
+            now_s,
+            &now_key,
             &digests,
             &datas,
-            fingerprint,
-            "9::bigint",
-            "NULL::bytea",
-            "NULL::bytea",
             // The facts of a readable suite-1 package valid for a day, as the server stores them.
             "ARRAY[1]::integer[]",
-            &format!("ARRAY[int8send({now_s} + 86400)]::bytea[]"),
+            &format!("ARRAY[{expiry}]::bytea[]"),
             &format!("ARRAY[sha256({data})]::bytea[]"),
+            &expiry,
+            "NULL::bytea",
+            "NULL::bytea",
             "NULL::integer",
             "NULL::bytea",
             "NULL::bytea",
-            ":first_seq::bigint",
+            "10::integer",
         ],
-    )));
-    upload_sql.push_str(&statement(&bind(STATUS, &[user, &now_key])));
-    upload_sql.push_str("COMMIT;\n");
+    ));
 
     let random_caller = "\\set c random(0, :callers - 1)\n";
     let random_target = format!("\\set u random(0, :users - 1)\n{random_caller}");

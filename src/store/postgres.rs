@@ -9,7 +9,7 @@ use sqlx::{
     error::DatabaseError,
     migrate::Migrator,
     postgres::{PgArguments, PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow},
-    query::{Query, QueryAs, QueryScalar},
+    query::{Query, QueryAs},
     Connection, FromRow, PgConnection, PgPool, Postgres, Transaction,
 };
 
@@ -19,7 +19,7 @@ use super::{
     claim_batch::{BatchError, Batcher, ClaimArgs, Runner},
     micros, not_after_key, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
     ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
-    StoreError, UnreadRow, Upload, UploadOutcome, UploadPlan,
+    StoreError, UnreadRow, Upload, UploadOutcome,
 };
 use crate::{
     key_package::{Fingerprint, UserId, MAX_REGULAR_PACKAGES},
@@ -73,66 +73,26 @@ pub(super) fn is_transient(error: &dyn DatabaseError) -> bool {
         .contains(&code)
 }
 
-/// Creates the user's row or, when it exists, locks it (a row lock held until commit, so one
-/// user's uploads run one after another); records the fingerprint, stamping the time only
-/// when the value changes; reserves `$4` positions of the user's FIFO order; lowers the
-/// user's expiry floor (migration 0006) to `$5`; returns the digest of the held last-resort
-/// package and the first reserved position.
+/// One upload: the `kps_upload` function of the migrations (`0008_upload_function.sql`), which
+/// creates or locks the user's row (so one user's uploads run one after another, in every
+/// process), records the fingerprint, removes the user's expired packages, stores the new ones
+/// (skipping those held already, trimming to the newest 10, replacing the last-resort one) and
+/// reads the status, in one transaction and one round trip.
 ///
-/// $1 user, $2 fingerprint or NULL, $3 now (Unix seconds) or NULL when $2 is NULL, $4 how many
-/// regular packages the upload may add (positions left unused leave gaps, which order ignores),
-/// $5 the earliest `not_after` key among them, NULL if none has one.
-pub const LOCK_USER: &str = "\
-INSERT INTO users AS u (user_id, fingerprint, fingerprint_updated_at, next_seq,
-                        regular_expiry_floor)
-VALUES ($1, $2, $3, 1 + $4, $5)
-ON CONFLICT (user_id) DO UPDATE SET
-    next_seq = u.next_seq + $4,
-    regular_expiry_floor = LEAST(u.regular_expiry_floor, EXCLUDED.regular_expiry_floor),
-    fingerprint = COALESCE(EXCLUDED.fingerprint, u.fingerprint),
-    fingerprint_updated_at = CASE
-        WHEN EXCLUDED.fingerprint IS NOT NULL
-         AND EXCLUDED.fingerprint IS DISTINCT FROM u.fingerprint
-        THEN EXCLUDED.fingerprint_updated_at
-        ELSE u.fingerprint_updated_at
-    END
-RETURNING last_resort_digest, next_seq - $4 AS first_seq";
-
-/// Writes an [`UploadPlan`] in one statement, under the lock taken by [`LOCK_USER`]: appends
-/// the regular packages in plan order, keeps only the `$5` newest of the packages held before
-/// (so with the `n` new ones at most 10 remain; [`HELD`] removed the expired ones already), and
-/// replaces the last-resort package.
-///
-/// The sub-statements share one snapshot, so the trim cannot see (and never removes) the rows
-/// inserted beside it; no other session inserts for this user while the lock is held.
-///
-/// $1 user; $2 digests, $3 bytes, $8 suites, $9 `not_after` keys and $10 refs of the regular
-/// packages (oldest first), numbered from $14 (the first position [`LOCK_USER`] reserved); $4
-/// fingerprint ('' for none); $5 held packages to keep; $6 last-resort bytes, $7 its digest,
-/// $11 suite, $12 `not_after` key and $13 ref (or NULLs). Returns how many regular packages
-/// were inserted.
-pub const WRITE_PLAN: &str = "\
-WITH inserted AS (
-    INSERT INTO key_packages
-        (user_id, seq, digest, data, fingerprint, cipher_suite, not_after, key_package_ref)
-    SELECT $1, $14::bigint + p.ord - 1, p.digest, p.data, $4, p.suite, p.not_after, p.ref
-    FROM UNNEST($2::bytea[], $3::bytea[], $8::integer[], $9::bytea[], $10::bytea[])
-        WITH ORDINALITY AS p (digest, data, suite, not_after, ref, ord)
-    ORDER BY p.ord
-    ON CONFLICT (user_id, digest) DO NOTHING
-    RETURNING seq
-), trimmed AS (
-    DELETE FROM key_packages
-    WHERE user_id = $1
-      AND seq IN (SELECT seq FROM key_packages WHERE user_id = $1 ORDER BY seq DESC OFFSET $5)
-), replaced AS (
-    UPDATE users
-    SET last_resort = $6, last_resort_digest = $7, last_resort_fingerprint = $4,
-        last_resort_handouts = 0, last_resort_cipher_suite = $11, last_resort_not_after = $12,
-        last_resort_ref = $13
-    WHERE user_id = $1 AND $6::bytea IS NOT NULL
-)
-SELECT count(*) FROM inserted";
+/// $1 user, $2 fingerprint or NULL, $3 now (Unix seconds) or NULL when $2 is NULL, $4 now as a
+/// `not_after` key; $5 digests, $6 bytes, $7 suites, $8 `not_after` keys and $9 refs of the
+/// regular packages (oldest first), $10 the earliest of those keys (NULL if none has one);
+/// $11 last-resort bytes, $12 its digest, $13 suite, $14 `not_after` key and $15 ref (or
+/// NULLs); $16 the most regular packages a user holds. Rows as [`STATUS`]'s
+/// ([`UploadRow`]), each with how many packages were `stored` and how many `expired` ones
+/// were removed.
+pub const UPLOAD: &str = "\
+SELECT stored, expired, u_fingerprint AS fingerprint,
+       u_last_resort_handouts AS last_resort_handouts,
+       u_last_resort_digest AS last_resort_digest,
+       u_last_resort_not_after AS last_resort_not_after,
+       k_digest AS digest, k_cipher_suite AS cipher_suite, k_not_after AS not_after
+FROM kps_upload($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 /// One claim: the `kps_claim` function of the migrations, which takes the caller's
 /// idempotency key, charges the caller's, the pair's and the target's budgets in that order by
@@ -159,18 +119,6 @@ SELECT claim, outcome, wait_us, expired_removed, kp_data AS data, kp_fingerprint
        kp_is_last_resort AS is_last_resort, kp_cipher_suite AS cipher_suite,
        kp_not_after AS not_after, kp_ref AS key_package_ref
 FROM kps_claim_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
-
-/// Removes the user's expired regular packages and returns how many, with the digests of the
-/// rest. Runs under the lock [`LOCK_USER`] took, as a statement of its own, so its snapshot
-/// sees everything the previous upload of this user committed. $1 user, $2 now as a
-/// `not_after` key.
-pub const HELD: &str = "\
-WITH expired AS (
-    DELETE FROM key_packages WHERE user_id = $1 AND not_after <= $2 RETURNING seq
-)
-SELECT (SELECT count(*) FROM expired) AS expired,
-       ARRAY(SELECT k.digest FROM key_packages k
-             WHERE k.user_id = $1 AND k.seq NOT IN (SELECT seq FROM expired)) AS digests";
 
 /// Up to `$1` regular packages stored by an earlier version that did not read facts
 /// ([`UnreadRow`]), locked so that processes starting at once share the work.
@@ -372,14 +320,6 @@ impl Connections {
         R: for<'r> FromRow<'r, PgRow>,
     {
         sqlx::query_as(sql).persistent(self.persistent())
-    }
-
-    /// A statement returning one value per row; see [`Connections::persistent`].
-    fn query_scalar<'q, T>(&self, sql: &'q str) -> QueryScalar<'q, Postgres, T, PgArguments>
-    where
-        (T,): for<'r> FromRow<'r, PgRow>,
-    {
-        sqlx::query_scalar(sql).persistent(self.persistent())
     }
 }
 
@@ -635,76 +575,59 @@ impl KeyPackageStore for PgStore {
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
         let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
+        let facts: Vec<FactColumns> = upload.regular.iter().map(FactColumns::of).collect();
+        let digests: Vec<&[u8]> = upload
+            .regular
+            .iter()
+            .map(|p| p.digest().as_slice())
+            .collect();
+        let data: Vec<&[u8]> = upload.regular.iter().map(|p| p.bytes().as_ref()).collect();
+        let suites: Vec<i32> = facts.iter().map(|f| f.cipher_suite).collect();
+        let not_after: Vec<Option<&[u8]>> = facts
+            .iter()
+            .map(|f| f.not_after.as_ref().map(|k| k.as_slice()))
+            .collect();
+        let refs: Vec<Option<&[u8]>> = facts.iter().map(|f| f.key_package_ref.as_deref()).collect();
+        let last_resort = upload.last_resort.as_ref();
+        let last_resort_facts = last_resort.map(FactColumns::of);
         let mut lease = self.db().lease().await?;
-        let mut tx = self.db().begin(&mut lease).await?;
-        let (held_last_resort, first_seq): (Option<Vec<u8>>, i64) = self
+        let mut session = self.db().session(&mut lease).await?;
+        let rows: Vec<UploadRow> = self
             .db()
-            .query_as(LOCK_USER)
+            .query_as(UPLOAD)
             .bind(user.as_str())
             .bind(fingerprint)
             .bind(fingerprint.map(|_| now_unix))
-            .bind(upload.regular.len() as i64)
-            .bind(earliest_not_after(upload).as_ref().map(|k| k.as_slice()))
-            .fetch_one(&mut *tx)
-            .await?;
-        let (expired, held): (i64, Vec<Vec<u8>>) = self
-            .db()
-            .query_as(HELD)
-            .bind(user.as_str())
             .bind(now_key(now_unix).as_slice())
-            .fetch_one(&mut *tx)
+            .bind(digests)
+            .bind(data)
+            .bind(suites)
+            .bind(not_after)
+            .bind(refs)
+            .bind(earliest_not_after(upload).as_ref().map(|k| k.as_slice()))
+            .bind(last_resort.map(|p| p.bytes().as_ref()))
+            .bind(last_resort.map(|p| p.digest().as_slice()))
+            .bind(last_resort_facts.as_ref().map(|f| f.cipher_suite))
+            .bind(
+                last_resort_facts
+                    .as_ref()
+                    .and_then(|f| f.not_after.map(Vec::from)),
+            )
+            .bind(
+                last_resort_facts
+                    .as_ref()
+                    .and_then(|f| f.key_package_ref.as_deref()),
+            )
+            .bind(MAX_REGULAR_PACKAGES as i32)
+            .fetch_all(session.conn())
             .await?;
-        let plan = UploadPlan::new(upload, &held, held_last_resort.as_deref());
-        let mut stored = u32::from(plan.last_resort.is_some());
-        if plan.stored() > 0 {
-            let facts: Vec<FactColumns> = plan.regular.iter().map(|p| FactColumns::of(p)).collect();
-            let digests: Vec<&[u8]> = plan.regular.iter().map(|p| p.digest().as_slice()).collect();
-            let data: Vec<&[u8]> = plan.regular.iter().map(|p| p.bytes().as_ref()).collect();
-            let suites: Vec<i32> = facts.iter().map(|f| f.cipher_suite).collect();
-            let not_after: Vec<Option<&[u8]>> = facts
-                .iter()
-                .map(|f| f.not_after.as_ref().map(|k| k.as_slice()))
-                .collect();
-            let refs: Vec<Option<&[u8]>> =
-                facts.iter().map(|f| f.key_package_ref.as_deref()).collect();
-            let last_resort = plan.last_resort.map(FactColumns::of);
-            let keep = (MAX_REGULAR_PACKAGES - plan.regular.len()) as i64;
-            let inserted: i64 = self
-                .db()
-                .query_scalar(WRITE_PLAN)
-                .bind(user.as_str())
-                .bind(digests)
-                .bind(data)
-                .bind(fingerprint.unwrap_or(""))
-                .bind(keep)
-                .bind(plan.last_resort.map(|p| p.bytes().as_ref()))
-                .bind(plan.last_resort.map(|p| p.digest().as_slice()))
-                .bind(suites)
-                .bind(not_after)
-                .bind(refs)
-                .bind(last_resort.as_ref().map(|f| f.cipher_suite))
-                .bind(
-                    last_resort
-                        .as_ref()
-                        .and_then(|f| f.not_after.map(Vec::from)),
-                )
-                .bind(
-                    last_resort
-                        .as_ref()
-                        .and_then(|f| f.key_package_ref.as_deref()),
-                )
-                .bind(first_seq)
-                .fetch_one(&mut *tx)
-                .await?;
-            stored += inserted as u32;
-        }
-        let status = self.status_in(&mut tx, user, now_unix).await?;
-        tx.commit().await?;
+        session.finish().await?;
         lease.release();
+        let (stored, expired) = rows.first().map_or((0, 0), |r| (r.stored, r.expired));
         Ok(UploadOutcome {
-            stored,
+            stored: u32::try_from(stored).unwrap_or(0),
             expired_removed: u64::try_from(expired).unwrap_or(0),
-            status,
+            status: build_status(rows.into_iter().map(|r| r.status).collect(), now_unix),
         })
     }
 
@@ -945,4 +868,13 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ConsumeRow {
             package,
         })
     }
+}
+
+/// An [`UPLOAD`] row: a row of the status query, with the counts of the upload repeated.
+#[derive(sqlx::FromRow)]
+struct UploadRow {
+    stored: i64,
+    expired: i64,
+    #[sqlx(flatten)]
+    status: StatusRow,
 }

@@ -127,8 +127,8 @@ async fn the_variant_partitions_every_table_and_keeps_what_was_stored() {
     }
 }
 
-/// An upload's statements (lock, sweep, write, status) touch the uploader's partition of
-/// `users` and of `key_packages`, and nothing else.
+/// An upload (lock, sweep, write and status, in one statement) touches the uploader's
+/// partition of `users` and of `key_packages`, and nothing else.
 #[tokio::test]
 async fn an_upload_touches_only_the_uploaders_partitions() {
     let Some((db, store, mut conn)) = partitioned().await else {
@@ -143,51 +143,37 @@ async fn an_upload_touches_only_the_uploaders_partitions() {
 
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let mut tx = conn.begin().await.unwrap();
-    let (_, first_seq): (Option<Vec<u8>>, i64) = sqlx::query_as(postgres::LOCK_USER)
-        .bind("bob")
-        .bind(Option::<&str>::None)
-        .bind(Option::<i64>::None)
-        .bind(2_i64)
-        .bind(Option::<&[u8]>::None)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-    let _: (i64, Vec<Vec<u8>>) = sqlx::query_as(postgres::HELD)
-        .bind("bob")
-        .bind(0_u64.to_be_bytes().as_slice())
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
     let new = [kp("new0"), kp("new1")];
     let digests: Vec<Vec<u8>> = new
         .iter()
         .map(|p| <sha2::Sha256 as sha2::Digest>::digest(p).to_vec())
         .collect();
-    let inserted: i64 = sqlx::query_scalar(postgres::WRITE_PLAN)
-        .bind("bob")
-        .bind(digests)
-        .bind(new.to_vec())
-        .bind("")
-        .bind(8_i64)
-        .bind(Option::<Vec<u8>>::None)
-        .bind(Option::<Vec<u8>>::None)
-        .bind(vec![0_i32; 2])
-        .bind(vec![Option::<Vec<u8>>::None; 2])
-        .bind(vec![Option::<Vec<u8>>::None; 2])
-        .bind(Option::<i32>::None)
-        .bind(Option::<Vec<u8>>::None)
-        .bind(Option::<Vec<u8>>::None)
-        .bind(first_seq)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-    assert_eq!(inserted, 2);
-    sqlx::query(postgres::STATUS)
-        .bind("bob")
-        .bind(0_u64.to_be_bytes().as_slice())
-        .fetch_all(&mut *tx)
-        .await
-        .unwrap();
+    let now = 0_u64.to_be_bytes();
+    let rows: Vec<(i64, Option<Vec<u8>>)> = sqlx::query_as(&format!(
+        "SELECT stored, digest FROM ({}) AS upload",
+        postgres::UPLOAD
+    ))
+    .bind("bob")
+    .bind(Option::<&str>::None)
+    .bind(Option::<i64>::None)
+    .bind(now.as_slice())
+    .bind(digests)
+    .bind(new.to_vec())
+    .bind(vec![0_i32; 2])
+    .bind(vec![Option::<Vec<u8>>::None; 2])
+    .bind(vec![Option::<Vec<u8>>::None; 2])
+    .bind(Option::<Vec<u8>>::None)
+    .bind(Option::<Vec<u8>>::None)
+    .bind(Option::<Vec<u8>>::None)
+    .bind(Option::<i32>::None)
+    .bind(Option::<Vec<u8>>::None)
+    .bind(Option::<Vec<u8>>::None)
+    .bind(10_i32)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(rows[0].0, 2, "both new packages stored");
+    assert_eq!(rows.len(), 10, "the status lists the 10 packages held");
     sqlx::query(postgres::FINGERPRINT)
         .bind("bob")
         .fetch_all(&mut *tx)
