@@ -1,3 +1,6 @@
+-- Uploads in one round trip (kps_upload), and several users' uploads in one statement
+-- (kps_upload_batch).
+--
 -- An upload in one round trip. Until now the server sent an upload's statements one by one in
 -- a transaction (BEGIN, lock the user's row, sweep, write, status, COMMIT): six round trips,
 -- each a wake-up of the database backend, where a claim needs one. kps_upload runs the same
@@ -106,5 +109,50 @@ BEGIN
         ON k.user_id = u.user_id AND (k.not_after IS NULL OR k.not_after > p_now_key)
     WHERE u.user_id = p_user
     ORDER BY k.seq;
+END
+$$;
+
+-- Uploads of different users at once, the server's group commit for uploads (as
+-- kps_claim_batch is for claims): one statement, one transaction, one WAL flush. Upload i's
+-- arguments are the i-th element of each array (as kps_upload's), its regular packages the
+-- slice p_first[i] .. p_first[i] + p_count[i] - 1 of the package arrays. The users are
+-- pairwise distinct, so the batch stores exactly what its uploads would one after the other.
+--
+-- The uploads run in the order of their users. Every transaction that locks the rows of
+-- several users (batches of claims too) takes them in that order, each user's row before its
+-- packages, so none waits for another in a cycle.
+--
+-- kps_upload's rows for each upload, tagged with its index.
+CREATE FUNCTION kps_upload_batch(p_users text[], p_fingerprints text[],
+                                 p_fingerprint_ats bigint[], p_now_keys bytea[],
+                                 p_first integer[], p_count integer[], p_digests bytea[],
+                                 p_data bytea[], p_suites integer[], p_not_after bytea[],
+                                 p_refs bytea[], p_floors bytea[], p_lr_data bytea[],
+                                 p_lr_digests bytea[], p_lr_suites integer[],
+                                 p_lr_not_after bytea[], p_lr_refs bytea[],
+                                 p_max_regular integer)
+RETURNS TABLE (upload integer, stored bigint, expired bigint, u_fingerprint text,
+               u_last_resort_handouts bigint, u_last_resort_digest bytea,
+               u_last_resort_not_after bytea, k_digest bytea, k_cipher_suite integer,
+               k_not_after bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_i integer;
+    v_from integer;
+    v_to integer;
+BEGIN
+    FOR v_i IN SELECT o FROM generate_subscripts(p_users, 1) AS o ORDER BY p_users[o] LOOP
+        v_from := p_first[v_i];
+        v_to := p_first[v_i] + p_count[v_i] - 1;
+        RETURN QUERY
+        SELECT v_i, r.* FROM kps_upload(p_users[v_i], p_fingerprints[v_i],
+                                        p_fingerprint_ats[v_i], p_now_keys[v_i],
+                                        p_digests[v_from:v_to], p_data[v_from:v_to],
+                                        p_suites[v_from:v_to], p_not_after[v_from:v_to],
+                                        p_refs[v_from:v_to], p_floors[v_i], p_lr_data[v_i],
+                                        p_lr_digests[v_i], p_lr_suites[v_i],
+                                        p_lr_not_after[v_i], p_lr_refs[v_i],
+                                        p_max_regular) AS r;
+    END LOOP;
 END
 $$;

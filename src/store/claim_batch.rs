@@ -1,5 +1,8 @@
-//! Group commit for claims: under load, claims that would wait for one another run together,
-//! as one statement in one transaction, so they share a round trip and a WAL flush.
+//! Group commit for claims and uploads: under load, statements that would wait for one another
+//! run together, as one statement in one transaction, so they share a round trip and a WAL
+//! flush. One [`Batcher`] serves one kind of [`Job`]; the text below speaks of claims, and
+//! holds for uploads alike (an upload owns its user's row where a claim owns its target's and
+//! its caller's).
 //!
 //! At most `slots` claim statements run at once. A claim that finds a slot free (and no
 //! running claim of its target or caller) runs alone at once, so a lone claim never waits for
@@ -47,10 +50,35 @@ pub(super) struct ClaimArgs {
     pub(super) pair_window_us: Option<i64>,
 }
 
-impl ClaimArgs {
-    /// Whether the two claims would touch a common row: the same target, or the same caller
-    /// (whose budget and idempotency records they would share).
-    pub(super) fn overlaps(&self, other: &Self) -> bool {
+/// What a [`Batcher`] runs: a claim, an upload.
+pub(super) trait Job: Send + Sync + 'static {
+    /// Hashes of the rows the job owns; a collision only makes a job wait for the next slot.
+    fn row_keys(&self) -> [Option<u64>; 2];
+
+    /// Whether the two jobs would touch a common row.
+    fn overlaps(&self, other: &Self) -> bool;
+}
+
+/// A row key of [`Job::row_keys`]: `id` of kind `kind`.
+pub(super) fn row_key(kind: u8, id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (kind, id).hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Job for ClaimArgs {
+    /// The target's and, if any, the caller's.
+    fn row_keys(&self) -> [Option<u64>; 2] {
+        [
+            Some(row_key(0, &self.target)),
+            self.caller.as_deref().map(|c| row_key(1, c)),
+        ]
+    }
+
+    /// The same target, or the same caller (whose budget and idempotency records they would
+    /// share).
+    fn overlaps(&self, other: &Self) -> bool {
         self.target == other.target || (self.caller.is_some() && self.caller == other.caller)
     }
 }
@@ -65,45 +93,50 @@ pub(super) enum BatchError {
     Failed(StoreError),
 }
 
-/// Runs claims on the database: one alone, or a batch of claims that share no row.
+/// Runs jobs on the database: one alone, or a batch of jobs that share no row.
 #[async_trait]
 pub(super) trait Runner: Send + Sync + 'static {
-    /// What the claim's statement returns.
+    /// What it runs.
+    type Job: Job;
+    /// What the job's statement returns.
     type Row: Send + 'static;
+    /// The job's name in logs and errors.
+    const KIND: &'static str;
 
-    /// Runs one claim in a statement of its own.
-    async fn one(&self, claim: &ClaimArgs) -> Result<Self::Row, StoreError>;
+    /// Runs one job in a statement of its own.
+    async fn one(&self, job: &Self::Job) -> Result<Self::Row, StoreError>;
 
-    /// Runs `claims`, which share no row, in one statement; one row per claim, in order.
-    async fn many(&self, claims: &[&ClaimArgs]) -> Result<Vec<Self::Row>, BatchError>;
+    /// Runs `jobs`, which share no row, in one statement; one row per job, in order.
+    async fn many(&self, jobs: &[&Self::Job]) -> Result<Vec<Self::Row>, BatchError>;
 }
 
-/// A queued claim and where its outcome goes.
-struct Waiter<T> {
-    claim: ClaimArgs,
+/// A queued job and where its outcome goes.
+struct Waiter<J, T> {
+    job: J,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
 
-struct Queue<T> {
+struct Queue<J, T> {
     /// Claim statements running (alone or as batches), at most `slots`.
     running: usize,
     /// The [`RowKeys`] of every claim running: a claim sharing a target or caller with one of
     /// them waits, so one target whose rows are locked (an upload in flight, a stuck
     /// transaction) holds one slot at most, never all of them.
     busy: Vec<u64>,
-    waiting: VecDeque<Waiter<T>>,
+    waiting: VecDeque<Waiter<J, T>>,
 }
 
-impl<T> Queue<T> {
-    fn is_busy(&self, claim: &ClaimArgs) -> bool {
-        row_keys(claim)
+impl<J: Job, T> Queue<J, T> {
+    fn is_busy(&self, claim: &J) -> bool {
+        claim
+            .row_keys()
             .into_iter()
             .flatten()
             .any(|k| self.busy.contains(&k))
     }
 
-    fn mark_busy(&mut self, claims: &[&ClaimArgs]) -> Vec<u64> {
-        let keys: Vec<u64> = claims.iter().flat_map(|c| row_keys(c)).flatten().collect();
+    fn mark_busy(&mut self, claims: &[&J]) -> Vec<u64> {
+        let keys: Vec<u64> = claims.iter().flat_map(|c| c.row_keys()).flatten().collect();
         self.busy.extend_from_slice(&keys);
         keys
     }
@@ -117,27 +150,12 @@ impl<T> Queue<T> {
     }
 }
 
-/// Hashes of the rows a claim owns: its target's and, if any, its caller's. A collision only
-/// makes a claim wait for the next slot.
-fn row_keys(claim: &ClaimArgs) -> [Option<u64>; 2] {
-    use std::hash::{Hash, Hasher};
-    let hash = |kind: u8, id: &str| {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (kind, id).hash(&mut hasher);
-        hasher.finish()
-    };
-    [
-        Some(hash(0, &claim.target)),
-        claim.caller.as_deref().map(|c| hash(1, c)),
-    ]
-}
-
 /// Claims run alone while slots are free, and in batches once they queue.
 pub(super) struct Batcher<R: Runner> {
     runner: R,
     slots: usize,
     max_batch: usize,
-    queue: Mutex<Queue<R::Row>>,
+    queue: Mutex<Queue<R::Job, R::Row>>,
     batches: AtomicU64,
     batched: AtomicU64,
 }
@@ -159,9 +177,21 @@ impl<R: Runner> Batcher<R> {
         }
     }
 
-    /// The runner, for the store's other calls.
-    pub(super) fn runner(&self) -> &R {
-        &self.runner
+    /// Runs `jobs` as one batch whatever the load, for comparing a batch with the same jobs
+    /// one by one; they must share no row.
+    pub(super) async fn run_together(&self, jobs: &[R::Job]) -> Result<Vec<R::Row>, StoreError> {
+        for (i, job) in jobs.iter().enumerate() {
+            if jobs[..i].iter().any(|earlier| earlier.overlaps(job)) {
+                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                    "{} {i} shares a row with an earlier one",
+                    R::KIND
+                ))));
+            }
+        }
+        let refs: Vec<&R::Job> = jobs.iter().collect();
+        self.runner.many(&refs).await.map_err(|e| match e {
+            BatchError::Refused(e) | BatchError::Failed(e) => e,
+        })
     }
 
     /// Batches of two claims or more run so far, and the claims they held.
@@ -177,7 +207,7 @@ impl<R: Runner> Batcher<R> {
         self.lock().waiting.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Queue<R::Row>> {
+    fn lock(&self) -> MutexGuard<'_, Queue<R::Job, R::Row>> {
         // The queue's invariants hold between statements, so a panic elsewhere leaves it usable.
         self.queue
             .lock()
@@ -185,7 +215,7 @@ impl<R: Runner> Batcher<R> {
     }
 
     /// Runs `claim`: at once if a slot is free, else in a batch once one frees.
-    pub(super) async fn claim(self: &Arc<Self>, claim: ClaimArgs) -> Result<R::Row, StoreError> {
+    pub(super) async fn submit(self: &Arc<Self>, claim: R::Job) -> Result<R::Row, StoreError> {
         let queued = {
             let mut queue = self.lock();
             if queue.running < self.slots && !queue.is_busy(&claim) {
@@ -194,7 +224,7 @@ impl<R: Runner> Batcher<R> {
                 Ok((claim, keys))
             } else {
                 let (reply, outcome) = oneshot::channel();
-                queue.waiting.push_back(Waiter { claim, reply });
+                queue.waiting.push_back(Waiter { job: claim, reply });
                 Err(outcome)
             }
         };
@@ -203,7 +233,7 @@ impl<R: Runner> Batcher<R> {
                 let _slot = Slot(self.clone(), keys);
                 self.runner.one(&claim).await
             }
-            Err(outcome) => outcome.await.unwrap_or_else(|_| Err(lost())),
+            Err(outcome) => outcome.await.unwrap_or_else(|_| Err(lost(R::KIND))),
         }
     }
 
@@ -218,7 +248,7 @@ impl<R: Runner> Batcher<R> {
                 queue.running -= 1;
                 return;
             }
-            let claims: Vec<&ClaimArgs> = batch.iter().map(|w| &w.claim).collect();
+            let claims: Vec<&R::Job> = batch.iter().map(|w| &w.job).collect();
             let keys = queue.mark_busy(&claims);
             (batch, keys)
         };
@@ -233,7 +263,7 @@ impl<R: Runner> Batcher<R> {
             // Only when the store is dropped outside a runtime: nobody is left to answer.
             Err(_) => {
                 for waiter in batch {
-                    let _ = waiter.reply.send(Err(lost()));
+                    let _ = waiter.reply.send(Err(lost(R::KIND)));
                 }
                 let mut queue = self.lock();
                 queue.mark_done(&keys);
@@ -243,13 +273,13 @@ impl<R: Runner> Batcher<R> {
     }
 
     /// Runs a batch and answers each of its claims.
-    async fn run(&self, mut batch: Vec<Waiter<R::Row>>) {
+    async fn run(&self, mut batch: Vec<Waiter<R::Job, R::Row>>) {
         if batch.len() == 1 {
             let waiter = batch.remove(0);
-            let _ = waiter.reply.send(self.runner.one(&waiter.claim).await);
+            let _ = waiter.reply.send(self.runner.one(&waiter.job).await);
             return;
         }
-        let claims: Vec<&ClaimArgs> = batch.iter().map(|w| &w.claim).collect();
+        let claims: Vec<&R::Job> = batch.iter().map(|w| &w.job).collect();
         let outcome = self.runner.many(&claims).await;
         drop(claims);
         match outcome {
@@ -262,9 +292,9 @@ impl<R: Runner> Batcher<R> {
                 }
             }
             Err(BatchError::Refused(error)) => {
-                tracing::warn!(claims = batch.len(), %error, "claim batch refused; running its claims one by one");
+                tracing::warn!(kind = R::KIND, jobs = batch.len(), %error, "batch refused; running its statements one by one");
                 for waiter in batch {
-                    let _ = waiter.reply.send(self.runner.one(&waiter.claim).await);
+                    let _ = waiter.reply.send(self.runner.one(&waiter.job).await);
                 }
             }
             Err(BatchError::Failed(error)) => {
@@ -273,7 +303,8 @@ impl<R: Runner> Batcher<R> {
                 for waiter in batch {
                     let error = first.take().unwrap_or_else(|| {
                         StoreError::Unavailable(sqlx::Error::Protocol(format!(
-                            "the claim batch failed: {message}"
+                            "the {} batch failed: {message}",
+                            R::KIND
                         )))
                     });
                     let _ = waiter.reply.send(Err(error));
@@ -299,16 +330,16 @@ const LOOK_AHEAD: usize = 1024;
 
 /// The queue's oldest claims that share no row with each other or with a running claim, up to
 /// `max`; claims whose caller stopped waiting (a deadline, a hang-up) are dropped unrun.
-fn take_batch<T>(queue: &mut Queue<T>, max: usize) -> Vec<Waiter<T>> {
-    let mut batch: Vec<Waiter<T>> = Vec::new();
+fn take_batch<J: Job, T>(queue: &mut Queue<J, T>, max: usize) -> Vec<Waiter<J, T>> {
+    let mut batch: Vec<Waiter<J, T>> = Vec::new();
     let mut i = 0;
     let mut looked = 0;
     while i < queue.waiting.len() && batch.len() < max && looked < LOOK_AHEAD {
         looked += 1;
-        let claim = &queue.waiting[i].claim;
+        let claim = &queue.waiting[i].job;
         if queue.waiting[i].reply.is_closed() {
             queue.waiting.remove(i);
-        } else if queue.is_busy(claim) || batch.iter().any(|b| b.claim.overlaps(claim)) {
+        } else if queue.is_busy(claim) || batch.iter().any(|b| b.job.overlaps(claim)) {
             i += 1;
         } else if let Some(waiter) = queue.waiting.remove(i) {
             batch.push(waiter);
@@ -317,11 +348,11 @@ fn take_batch<T>(queue: &mut Queue<T>, max: usize) -> Vec<Waiter<T>> {
     batch
 }
 
-/// The answer of a claim whose batch ended without answering it.
-fn lost() -> StoreError {
-    StoreError::Unavailable(sqlx::Error::Protocol(
-        "the claim's batch ended without an outcome".to_owned(),
-    ))
+/// The answer of a job (of kind `kind`) whose batch ended without answering it.
+fn lost(kind: &str) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Protocol(format!(
+        "the {kind}'s batch ended without an outcome"
+    )))
 }
 
 #[cfg(test)]
@@ -347,13 +378,13 @@ mod tests {
 
     type Outcome = oneshot::Receiver<Result<(), StoreError>>;
 
-    fn queue(claims: &[(&str, Option<&str>)]) -> (Queue<()>, Vec<Outcome>) {
+    fn queue(claims: &[(&str, Option<&str>)]) -> (Queue<ClaimArgs, ()>, Vec<Outcome>) {
         let mut waiting = VecDeque::new();
         let mut outcomes = Vec::new();
         for &(target, caller) in claims {
             let (reply, outcome) = oneshot::channel();
             waiting.push_back(Waiter {
-                claim: claim(target, caller),
+                job: claim(target, caller),
                 reply,
             });
             outcomes.push(outcome);
@@ -366,8 +397,8 @@ mod tests {
         (queue, outcomes)
     }
 
-    fn targets<T>(waiters: &[Waiter<T>]) -> Vec<&str> {
-        waiters.iter().map(|w| w.claim.target.as_str()).collect()
+    fn targets<T>(waiters: &[Waiter<ClaimArgs, T>]) -> Vec<&str> {
+        waiters.iter().map(|w| w.job.target.as_str()).collect()
     }
 
     #[test]

@@ -16,7 +16,7 @@ use sqlx::{
 use super::{
     build_status,
     checkout::{Checkout, Lease},
-    claim_batch::{BatchError, Batcher, ClaimArgs, Runner},
+    claim_batch::{row_key, BatchError, Batcher, ClaimArgs, Job, Runner},
     micros, not_after_key, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
     ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
     StoreError, UnreadRow, Upload, UploadOutcome,
@@ -93,6 +93,21 @@ SELECT stored, expired, u_fingerprint AS fingerprint,
        u_last_resort_not_after AS last_resort_not_after,
        k_digest AS digest, k_cipher_suite AS cipher_suite, k_not_after AS not_after
 FROM kps_upload($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+
+/// Uploads of different users at once ([`super::claim_batch`]), with pairwise distinct users:
+/// $1 users, $2 fingerprints, $3 their times, $4 now keys, $12 floors and $13..$17 the
+/// last-resort columns, each an array holding upload i at index i; $7..$11 (digests, bytes,
+/// suites, `not_after` keys, refs) the regular packages of all uploads one after another,
+/// upload i's from index `$5[i]`, `$6[i]` of them; $18 as $16 of [`UPLOAD`]. [`UPLOAD`]'s rows,
+/// each with its upload's index in `upload`.
+pub const UPLOAD_BATCH: &str = "\
+SELECT upload, stored, expired, u_fingerprint AS fingerprint,
+       u_last_resort_handouts AS last_resort_handouts,
+       u_last_resort_digest AS last_resort_digest,
+       u_last_resort_not_after AS last_resort_not_after,
+       k_digest AS digest, k_cipher_suite AS cipher_suite, k_not_after AS not_after
+FROM kps_upload_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                      $17, $18)";
 
 /// One claim: the `kps_claim` function of the migrations, which takes the caller's
 /// idempotency key, charges the caller's, the pair's and the target's budgets in that order by
@@ -210,25 +225,38 @@ const PARTITION_LOCK: i64 = 0x6b70_735f_7061_7274;
 /// session-level lock cannot be used (see [`migrate_in_one_transaction`]).
 const PGBOUNCER_MIGRATION_LOCK: i64 = 0x6b70_735f_6d69_6772;
 
-/// One claim statement may run per this many pool connections at once (at least one); claims
-/// beyond wait and then run in batches. An eighth (2 of the default 16) leaves connections for
-/// uploads and reads and makes batches form as soon as a few claims run at once, where the
-/// database's commits become the bottleneck; it measured best of 2, 4 and 8 slots (BENCHMARKS).
-/// A claim never waits behind another of its target or caller, so one locked target holds one
-/// slot at most.
+/// One claim statement, and one upload statement, may run per this many pool connections at
+/// once (at least one of each); claims and uploads beyond wait and then run in batches. An
+/// eighth (2 of each with the default 16) leaves connections for reads and makes batches form
+/// as soon as a few statements run at once, where the database's commits become the
+/// bottleneck; for claims it measured best of 2, 4 and 8 slots (BENCHMARKS). A claim never
+/// waits behind another of its target or caller, nor an upload behind another of its user, so
+/// one locked user holds one slot of each at most.
 const CLAIM_SLOTS_PER_CONNECTION: u32 = 8;
 
 /// The most claims one batch holds.
 const MAX_CLAIM_BATCH: usize = 32;
 
+/// The most uploads one batch holds (each carries up to 11 packages).
+const MAX_UPLOAD_BATCH: usize = 16;
+
 /// Key packages in a Postgres database.
 pub struct PgStore {
-    /// Claims, run alone or in batches ([`super::claim_batch`]) on the request connections, which
-    /// every other call borrows from it ([`PgStore::db`]).
-    claims: Arc<Batcher<Connections>>,
+    /// The request connections.
+    db: Arc<Connections>,
+    /// Claims, run alone or in batches ([`super::claim_batch`]).
+    claims: Arc<Batcher<Claims>>,
+    /// Uploads, run alone or in batches, as claims are.
+    uploads: Arc<Batcher<Uploads>>,
     /// One connection of the readiness probe's own, so a busy request pool cannot fail it.
     probe: PgPool,
 }
+
+/// Claims on the request connections.
+struct Claims(Arc<Connections>);
+
+/// Uploads on the request connections.
+struct Uploads(Arc<Connections>);
 
 /// The request connections and how statements run on them.
 struct Connections {
@@ -324,13 +352,16 @@ impl Connections {
 }
 
 #[async_trait]
-impl Runner for Connections {
+impl Runner for Claims {
+    type Job = ClaimArgs;
     type Row = ConsumeRow;
+    const KIND: &'static str = "claim";
 
     async fn one(&self, claim: &ClaimArgs) -> Result<ConsumeRow, StoreError> {
-        let mut lease = self.lease().await?;
-        let mut session = self.session(&mut lease).await?;
+        let mut lease = self.0.lease().await?;
+        let mut session = self.0.session(&mut lease).await?;
         let row: ConsumeRow = self
+            .0
             .query_as(CONSUME)
             .bind(claim.target.as_str())
             .bind(claim.caller.as_deref())
@@ -363,9 +394,14 @@ impl Runner for Connections {
         });
         // No connection, or no transaction on it: the database is unavailable for every claim
         // alike, so running them one by one would only wait again, once per claim.
-        let mut lease = self.lease().await.map_err(BatchError::Failed)?;
-        let mut session = self.session(&mut lease).await.map_err(BatchError::Failed)?;
+        let mut lease = self.0.lease().await.map_err(BatchError::Failed)?;
+        let mut session = self
+            .0
+            .session(&mut lease)
+            .await
+            .map_err(BatchError::Failed)?;
         let rows = self
+            .0
             .query(CONSUME_BATCH)
             .bind(column(claims, |c| c.target.clone()))
             .bind(column(claims, |c| c.caller.clone()))
@@ -419,10 +455,208 @@ impl Runner for Connections {
     }
 }
 
+/// One upload's arguments, owned, so it can wait in the queue and run in another task.
+struct UploadArgs {
+    user: String,
+    upload: Upload,
+    now_unix: i64,
+}
+
+impl Job for UploadArgs {
+    /// The user's.
+    fn row_keys(&self) -> [Option<u64>; 2] {
+        [Some(row_key(0, &self.user)), None]
+    }
+
+    /// The same user.
+    fn overlaps(&self, other: &Self) -> bool {
+        self.user == other.user
+    }
+}
+
+/// The arguments of uploads as [`UPLOAD`] and [`UPLOAD_BATCH`] take them: one element per
+/// upload, and the regular packages of all of them one after the other (upload i's from
+/// `first[i]`, 1-based, `count[i]` of them).
+#[derive(Default)]
+struct UploadColumns<'a> {
+    users: Vec<&'a str>,
+    fingerprints: Vec<Option<&'a str>>,
+    fingerprint_ats: Vec<Option<i64>>,
+    now_keys: Vec<Vec<u8>>,
+    first: Vec<i32>,
+    count: Vec<i32>,
+    digests: Vec<&'a [u8]>,
+    data: Vec<&'a [u8]>,
+    suites: Vec<i32>,
+    not_after: Vec<Option<Vec<u8>>>,
+    refs: Vec<Option<Vec<u8>>>,
+    floors: Vec<Option<Vec<u8>>>,
+    lr_data: Vec<Option<&'a [u8]>>,
+    lr_digests: Vec<Option<&'a [u8]>>,
+    lr_suites: Vec<Option<i32>>,
+    lr_not_after: Vec<Option<Vec<u8>>>,
+    lr_refs: Vec<Option<Vec<u8>>>,
+}
+
+impl<'a> UploadColumns<'a> {
+    fn of(uploads: &[&'a UploadArgs]) -> Self {
+        let mut columns = Self::default();
+        for args in uploads {
+            let upload = &args.upload;
+            let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
+            columns.users.push(&args.user);
+            columns.fingerprints.push(fingerprint);
+            columns
+                .fingerprint_ats
+                .push(fingerprint.map(|_| args.now_unix));
+            columns.now_keys.push(now_key(args.now_unix).to_vec());
+            columns.first.push(columns.digests.len() as i32 + 1);
+            columns.count.push(upload.regular.len() as i32);
+            for package in &upload.regular {
+                let facts = FactColumns::of(package);
+                columns.digests.push(package.digest());
+                columns.data.push(package.bytes());
+                columns.suites.push(facts.cipher_suite);
+                columns.not_after.push(facts.not_after.map(Vec::from));
+                columns.refs.push(facts.key_package_ref);
+            }
+            columns
+                .floors
+                .push(earliest_not_after(upload).map(Vec::from));
+            let last_resort = upload.last_resort.as_ref();
+            let facts = last_resort.map(FactColumns::of);
+            columns
+                .lr_data
+                .push(last_resort.map(|p| p.bytes().as_ref()));
+            columns
+                .lr_digests
+                .push(last_resort.map(|p| p.digest().as_slice()));
+            columns
+                .lr_suites
+                .push(facts.as_ref().map(|f| f.cipher_suite));
+            columns
+                .lr_not_after
+                .push(facts.as_ref().and_then(|f| f.not_after.map(Vec::from)));
+            columns.lr_refs.push(facts.and_then(|f| f.key_package_ref));
+        }
+        columns
+    }
+}
+
+#[async_trait]
+impl Runner for Uploads {
+    type Job = UploadArgs;
+    type Row = Vec<UploadRow>;
+    const KIND: &'static str = "upload";
+
+    async fn one(&self, upload: &UploadArgs) -> Result<Vec<UploadRow>, StoreError> {
+        let mut c = UploadColumns::of(&[upload]);
+        let mut lease = self.0.lease().await?;
+        let mut session = self.0.session(&mut lease).await?;
+        let rows: Vec<UploadRow> = self
+            .0
+            .query_as(UPLOAD)
+            .bind(c.users[0])
+            .bind(c.fingerprints[0])
+            .bind(c.fingerprint_ats[0])
+            .bind(c.now_keys.swap_remove(0))
+            .bind(c.digests)
+            .bind(c.data)
+            .bind(c.suites)
+            .bind(c.not_after)
+            .bind(c.refs)
+            .bind(c.floors.swap_remove(0))
+            .bind(c.lr_data[0])
+            .bind(c.lr_digests[0])
+            .bind(c.lr_suites[0])
+            .bind(c.lr_not_after.swap_remove(0))
+            .bind(c.lr_refs.swap_remove(0))
+            .bind(MAX_REGULAR_PACKAGES as i32)
+            .fetch_all(session.conn())
+            .await?;
+        session.finish().await?;
+        lease.release();
+        Ok(rows)
+    }
+
+    async fn many(&self, uploads: &[&UploadArgs]) -> Result<Vec<Vec<UploadRow>>, BatchError> {
+        let c = UploadColumns::of(uploads);
+        // As for claims: without a connection every upload fails alike.
+        let mut lease = self.0.lease().await.map_err(BatchError::Failed)?;
+        let mut session = self
+            .0
+            .session(&mut lease)
+            .await
+            .map_err(BatchError::Failed)?;
+        let rows = self
+            .0
+            .query(UPLOAD_BATCH)
+            .bind(c.users)
+            .bind(c.fingerprints)
+            .bind(c.fingerprint_ats)
+            .bind(c.now_keys)
+            .bind(c.first)
+            .bind(c.count)
+            .bind(c.digests)
+            .bind(c.data)
+            .bind(c.suites)
+            .bind(c.not_after)
+            .bind(c.refs)
+            .bind(c.floors)
+            .bind(c.lr_data)
+            .bind(c.lr_digests)
+            .bind(c.lr_suites)
+            .bind(c.lr_not_after)
+            .bind(c.lr_refs)
+            .bind(MAX_REGULAR_PACKAGES as i32)
+            .fetch_all(session.conn())
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(_) => BatchError::Refused(e.into()),
+                e => BatchError::Failed(e.into()),
+            })?;
+        session.finish().await.map_err(BatchError::Failed)?;
+        lease.release();
+        let mut grouped: Vec<Vec<UploadRow>> = uploads.iter().map(|_| Vec::new()).collect();
+        for row in &rows {
+            use sqlx::Row;
+            let failed = |e: sqlx::Error| BatchError::Failed(e.into());
+            let index: i32 = row.try_get("upload").map_err(failed)?;
+            let rows_of = usize::try_from(index)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| grouped.get_mut(i))
+                .ok_or_else(|| {
+                    failed(sqlx::Error::Protocol(format!(
+                        "kps_upload_batch returned upload {index} of {}",
+                        uploads.len()
+                    )))
+                })?;
+            rows_of.push(UploadRow::from_row(row).map_err(failed)?);
+        }
+        if grouped.iter().any(Vec::is_empty) {
+            return Err(BatchError::Failed(StoreError::Database(
+                sqlx::Error::Protocol("kps_upload_batch left an upload unanswered".to_owned()),
+            )));
+        }
+        Ok(grouped)
+    }
+}
+
+/// What an upload did, from its [`UploadRow`]s.
+fn upload_outcome(rows: Vec<UploadRow>, now_unix: i64) -> UploadOutcome {
+    let (stored, expired) = rows.first().map_or((0, 0), |r| (r.stored, r.expired));
+    UploadOutcome {
+        stored: u32::try_from(stored).unwrap_or(0),
+        expired_removed: u64::try_from(expired).unwrap_or(0),
+        status: build_status(rows.into_iter().map(|r| r.status).collect(), now_unix),
+    }
+}
+
 impl PgStore {
     /// The request connections.
     fn db(&self) -> &Connections {
-        self.claims.runner()
+        &self.db
     }
 
     /// Connects and applies the Postgres migrations.
@@ -492,9 +726,11 @@ impl PgStore {
         let slots = usize::try_from(max_connections / CLAIM_SLOTS_PER_CONNECTION)
             .unwrap_or(usize::MAX)
             .max(1);
-        let db = Connections { pool, bouncer };
+        let db = Arc::new(Connections { pool, bouncer });
         Ok(Self {
-            claims: Arc::new(Batcher::new(db, slots, MAX_CLAIM_BATCH)),
+            claims: Arc::new(Batcher::new(Claims(db.clone()), slots, MAX_CLAIM_BATCH)),
+            uploads: Arc::new(Batcher::new(Uploads(db.clone()), slots, MAX_UPLOAD_BATCH)),
+            db,
             probe,
         })
     }
@@ -518,18 +754,41 @@ impl PgStore {
         claims: &[Claim<'_>],
     ) -> Result<Vec<Consumption>, StoreError> {
         let args: Vec<ClaimArgs> = claims.iter().map(claim_args).collect();
-        for (i, claim) in args.iter().enumerate() {
-            if args[..i].iter().any(|earlier| earlier.overlaps(claim)) {
-                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                    "claim {i} shares its target or caller with an earlier one"
-                ))));
-            }
-        }
-        let refs: Vec<&ClaimArgs> = args.iter().collect();
-        let rows = self.db().many(&refs).await.map_err(|e| match e {
-            BatchError::Refused(e) | BatchError::Failed(e) => e,
-        })?;
+        let rows = self.claims.run_together(&args).await?;
         rows.into_iter().map(consumption).collect()
+    }
+
+    /// Batches of two uploads or more run so far, and the uploads they held.
+    pub fn upload_batches(&self) -> (u64, u64) {
+        self.uploads.batches()
+    }
+
+    /// Uploads waiting for an upload slot now.
+    pub fn uploads_waiting(&self) -> usize {
+        self.uploads.waiting()
+    }
+
+    /// Runs `uploads` (user, upload, now in Unix seconds) as one batch, as the upload queue
+    /// does under load, whatever the load; the users must be pairwise distinct. For comparing
+    /// batches with the same uploads one by one.
+    pub async fn upload_together(
+        &self,
+        uploads: &[(&UserId, &Upload, i64)],
+    ) -> Result<Vec<UploadOutcome>, StoreError> {
+        let args: Vec<UploadArgs> = uploads
+            .iter()
+            .map(|(user, upload, now_unix)| UploadArgs {
+                user: user.as_str().to_owned(),
+                upload: (*upload).clone(),
+                now_unix: *now_unix,
+            })
+            .collect();
+        let rows = self.uploads.run_together(&args).await?;
+        Ok(args
+            .iter()
+            .zip(rows)
+            .map(|(args, rows)| upload_outcome(rows, args.now_unix))
+            .collect())
     }
 
     /// Runs a pruning statement ([`PRUNE_BUDGETS`], [`PRUNE_REPLAYS`]): $1 now (µs) or NULL,
@@ -574,65 +833,19 @@ impl KeyPackageStore for PgStore {
         upload: &Upload,
         now_unix: i64,
     ) -> Result<UploadOutcome, StoreError> {
-        let fingerprint = upload.fingerprint.as_ref().map(Fingerprint::as_str);
-        let facts: Vec<FactColumns> = upload.regular.iter().map(FactColumns::of).collect();
-        let digests: Vec<&[u8]> = upload
-            .regular
-            .iter()
-            .map(|p| p.digest().as_slice())
-            .collect();
-        let data: Vec<&[u8]> = upload.regular.iter().map(|p| p.bytes().as_ref()).collect();
-        let suites: Vec<i32> = facts.iter().map(|f| f.cipher_suite).collect();
-        let not_after: Vec<Option<&[u8]>> = facts
-            .iter()
-            .map(|f| f.not_after.as_ref().map(|k| k.as_slice()))
-            .collect();
-        let refs: Vec<Option<&[u8]>> = facts.iter().map(|f| f.key_package_ref.as_deref()).collect();
-        let last_resort = upload.last_resort.as_ref();
-        let last_resort_facts = last_resort.map(FactColumns::of);
-        let mut lease = self.db().lease().await?;
-        let mut session = self.db().session(&mut lease).await?;
-        let rows: Vec<UploadRow> = self
-            .db()
-            .query_as(UPLOAD)
-            .bind(user.as_str())
-            .bind(fingerprint)
-            .bind(fingerprint.map(|_| now_unix))
-            .bind(now_key(now_unix).as_slice())
-            .bind(digests)
-            .bind(data)
-            .bind(suites)
-            .bind(not_after)
-            .bind(refs)
-            .bind(earliest_not_after(upload).as_ref().map(|k| k.as_slice()))
-            .bind(last_resort.map(|p| p.bytes().as_ref()))
-            .bind(last_resort.map(|p| p.digest().as_slice()))
-            .bind(last_resort_facts.as_ref().map(|f| f.cipher_suite))
-            .bind(
-                last_resort_facts
-                    .as_ref()
-                    .and_then(|f| f.not_after.map(Vec::from)),
-            )
-            .bind(
-                last_resort_facts
-                    .as_ref()
-                    .and_then(|f| f.key_package_ref.as_deref()),
-            )
-            .bind(MAX_REGULAR_PACKAGES as i32)
-            .fetch_all(session.conn())
+        let rows = self
+            .uploads
+            .submit(UploadArgs {
+                user: user.as_str().to_owned(),
+                upload: upload.clone(),
+                now_unix,
+            })
             .await?;
-        session.finish().await?;
-        lease.release();
-        let (stored, expired) = rows.first().map_or((0, 0), |r| (r.stored, r.expired));
-        Ok(UploadOutcome {
-            stored: u32::try_from(stored).unwrap_or(0),
-            expired_removed: u64::try_from(expired).unwrap_or(0),
-            status: build_status(rows.into_iter().map(|r| r.status).collect(), now_unix),
-        })
+        Ok(upload_outcome(rows, now_unix))
     }
 
     async fn consume(&self, claim: &Claim<'_>) -> Result<Consumption, StoreError> {
-        let row = self.claims.claim(claim_args(claim)).await?;
+        let row = self.claims.submit(claim_args(claim)).await?;
         consumption(row)
     }
     async fn status(&self, user: &UserId, now_unix: i64) -> Result<Status, StoreError> {

@@ -380,3 +380,178 @@ async fn a_locked_target_holds_one_claim_slot_at_most() {
     bob.sort();
     assert_eq!(bob, ["bob-0", "bob-1", "bob-2"]);
 }
+
+/// Random rounds of uploads of pairwise distinct users: packages held already (regular or last
+/// resort) sent again, more than ten at once, last-resort replacements, fingerprints sent or
+/// not, readable packages of several suites expiring between rounds beside opaque ones. Each
+/// round runs one by one on one database and as one batch on another; every outcome (stored,
+/// expired, the status with its inventory digest, so FIFO order too) must agree, and so must
+/// what the users' packages then hand out, oldest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_batch_stores_exactly_what_its_uploads_would_one_by_one() {
+    let Some(one_db) = postgres_only!() else {
+        return;
+    };
+    let Some(batch_db) = postgres_only!() else {
+        return;
+    };
+    let one = pg_store(&one_db, 4).await;
+    let batch = pg_store(&batch_db, 4).await;
+    let users: Vec<UserId> = (0..7).map(|i| user(&format!("w{i}"))).collect();
+    let key = [9_u8; 32];
+    let fingerprint = keypackage_server::key_package::Fingerprint::of_public_key(&key);
+    const START: u64 = 1_700_000_000;
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut uploads_batched = 0;
+    for round in 0..30_u64 {
+        let now = START + round * 100;
+        let mut shuffled = users.clone();
+        shuffled.shuffle(&mut rng);
+        let size = rng.gen_range(2..=users.len());
+        let mut planned: Vec<(UserId, Upload)> = Vec::new();
+        for who in shuffled.into_iter().take(size) {
+            // Tags repeat across rounds, so entries identical to held packages come up; a
+            // package's bytes follow from its tag, its lifetime and its suite.
+            let package = |rng: &mut StdRng| -> Bytes {
+                let tag = format!("{}-{}", who.as_str(), rng.gen_range(0..16));
+                Bytes::from(match rng.gen_range(0..4) {
+                    0 => kp(&tag),
+                    1 => crate::harness::readable_kp_of_suite(
+                        2,
+                        &tag,
+                        &key,
+                        now + 50 * rng.gen_range(1..8),
+                    ),
+                    _ => crate::harness::readable_kp(&tag, &key, 0, now + 50 * rng.gen_range(1..8)),
+                })
+            };
+            let regular = rng.gen_range(0..=13);
+            let mut entries: Vec<(Bytes, bool)> =
+                (0..regular).map(|_| (package(&mut rng), false)).collect();
+            if regular == 0 || rng.gen_bool(0.4) {
+                entries.push((package(&mut rng), true));
+            }
+            let sent = if rng.gen_bool(0.6) {
+                fingerprint.as_str()
+            } else {
+                ""
+            };
+            let upload =
+                Upload::parse(entries, sent, now, UploadPolicy::default()).expect("valid upload");
+            planned.push((who, upload));
+        }
+        let mut expected = Vec::new();
+        for (who, upload) in &planned {
+            expected.push(one.upload(who, upload, now as i64).await.expect("alone"));
+        }
+        let together: Vec<(&UserId, &Upload, i64)> = planned
+            .iter()
+            .map(|(who, upload)| (who, upload, now as i64))
+            .collect();
+        let got = batch.upload_together(&together).await.expect("batch");
+        assert_eq!(got, expected, "round {round}");
+        uploads_batched += planned.len();
+    }
+    assert!(uploads_batched > 80);
+    let end = START + 30 * 100;
+    for who in &users {
+        let mut handed = [Vec::new(), Vec::new()];
+        for (store, handed) in [&one, &batch].into_iter().zip(&mut handed) {
+            loop {
+                let claim = Claim {
+                    now_us: Some(end as i64 * 1_000_000),
+                    ..Claim::new(who, per_minute(600, 600))
+                };
+                match store.consume(&claim).await.expect("claim").outcome {
+                    ConsumeOutcome::Consumed(got) if !got.is_last_resort => {
+                        handed.push(got.key_package)
+                    }
+                    other => {
+                        handed.push(Bytes::from(summary(&other)));
+                        break;
+                    }
+                }
+            }
+        }
+        assert_eq!(handed[1], handed[0], "{who:?} hands out the same packages");
+    }
+}
+
+/// With the one upload slot (4 connections) held by an upload waiting for its user's row,
+/// uploads of other users queue, and a second upload of the held user queues behind them (it
+/// may not run beside the first). Once the first ends, all eleven run as one batch, and the
+/// held user's packages keep the order of the two uploads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_queued_behind_a_busy_slot_run_as_one_batch() {
+    let Some(db) = postgres_only!() else { return };
+    let store = Arc::new(pg_store(&db, 4).await);
+    store
+        .upload(&user("bob"), &upload_of("bob-old", 1, false), 0)
+        .await
+        .expect("upload");
+    let upload = |name: String, prefix: String| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .upload(&user(&name), &upload_of(&prefix, 2, true), 0)
+                .await
+        })
+    };
+    let mut lock = lock_user(&db, "bob").await;
+    let blocked = upload("bob".to_owned(), "bob-a".to_owned());
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let name = crate::pg_admin::db_name(&db);
+    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
+
+    let others: Vec<_> = (0..10)
+        .map(|i| upload(format!("w{i}"), format!("w{i}")))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store.uploads_waiting() < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "uploads did not queue"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let second = upload("bob".to_owned(), "bob-b".to_owned());
+    while store.uploads_waiting() < 11 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob's second did not queue"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(store.upload_batches(), (0, 0));
+    sqlx::query("COMMIT")
+        .execute(&mut lock)
+        .await
+        .expect("commit");
+
+    assert_eq!(blocked.await.expect("task").expect("upload").stored, 3);
+    for task in others {
+        let outcome = task.await.expect("task").expect("upload");
+        assert_eq!((outcome.stored, outcome.status.regular_count), (3, 2));
+    }
+    assert_eq!(second.await.expect("task").expect("upload").stored, 3);
+    assert_eq!(store.upload_batches(), (1, 11));
+    assert_eq!(store.uploads_waiting(), 0);
+    let mut handed = Vec::new();
+    for _ in 0..5 {
+        let got = store
+            .consume(&Claim::new(&user("bob"), per_minute(600, 600)))
+            .await
+            .expect("claim");
+        match got.outcome {
+            ConsumeOutcome::Consumed(got) => {
+                handed.push(String::from_utf8_lossy(&got.key_package[4..]).into_owned())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        handed,
+        ["bob-old-0", "bob-a-0", "bob-a-1", "bob-b-0", "bob-b-1"],
+        "bob's uploads kept their order"
+    );
+}

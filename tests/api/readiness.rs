@@ -30,27 +30,36 @@ async fn readyz_answers_200_while_every_request_connection_is_held() {
     let app = spawn_app_with_store(db, store, Default::default()).await;
     app.upload("bob", &[(kp("before"), false)], "").await;
 
-    // Both request connections wait, inside Postgres, for bob's row lock.
+    // Both request connections wait, inside Postgres, for bob's row lock: an upload of bob's
+    // and a claim of one of his packages (uploads of one user queue behind each other, in the
+    // process, without taking a second connection).
     let mut holder = lock_user_row(&url, "bob").await;
     let mut admin: sqlx::PgConnection = sqlx::Connection::connect(&url).await.expect("connect");
-    let mut blocked = Vec::new();
-    for i in 0..2 {
-        let (client, url) = (app.client.clone(), app.url("/api/v1/key-packages"));
-        blocked.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .bearer_auth(token("bob"))
-                .header("content-type", "application/x-protobuf")
-                .body(prost::Message::encode_to_vec(&upload_request(
-                    &[(kp(&format!("blocked {i}")), false)],
-                    "",
-                )))
-                .send()
-                .await
-                .expect("upload")
-                .status()
-        }));
-    }
+    let (client, upload_url) = (app.client.clone(), app.url("/api/v1/key-packages"));
+    let upload = tokio::spawn(async move {
+        client
+            .post(upload_url)
+            .bearer_auth(token("bob"))
+            .header("content-type", "application/x-protobuf")
+            .body(prost::Message::encode_to_vec(&upload_request(
+                &[(kp("blocked"), false)],
+                "",
+            )))
+            .send()
+            .await
+            .expect("upload")
+            .status()
+    });
+    let (client, claim_url) = (app.client.clone(), app.url("/api/v1/key-packages/bob"));
+    let claim = tokio::spawn(async move {
+        client
+            .get(claim_url)
+            .bearer_auth(token("alice"))
+            .send()
+            .await
+            .expect("claim")
+            .status()
+    });
     wait_for_lock_waiters(&mut admin, &name, 2).await;
 
     let status = app
@@ -73,7 +82,6 @@ async fn readyz_answers_200_while_every_request_connection_is_held() {
         .execute(&mut holder)
         .await
         .expect("release");
-    for upload in blocked {
-        assert_eq!(upload.await.expect("upload task"), 201);
-    }
+    assert_eq!(upload.await.expect("upload task"), 201);
+    assert_eq!(claim.await.expect("claim task"), 200);
 }
