@@ -12,8 +12,8 @@ use crate::{
     rate_limit::{Budget, Scope},
 };
 
+mod batch;
 mod checkout;
-mod claim_batch;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod deadline;

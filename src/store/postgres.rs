@@ -14,9 +14,9 @@ use sqlx::{
 };
 
 use super::{
+    batch::{row_key, BatchError, Batcher, ClaimArgs, Job, Runner},
     build_status,
     checkout::{Checkout, Lease},
-    claim_batch::{row_key, BatchError, Batcher, ClaimArgs, Job, Runner},
     micros, not_after_key, now_key, Claim, ConnectError, ConnectOptions, ConsumeOutcome,
     ConsumedRow, Consumption, FactColumns, FingerprintRow, KeyPackageStore, Status, StatusRow,
     StoreError, UnreadRow, Upload, UploadOutcome,
@@ -94,7 +94,7 @@ SELECT stored, expired, u_fingerprint AS fingerprint,
        k_digest AS digest, k_cipher_suite AS cipher_suite, k_not_after AS not_after
 FROM kps_upload($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
-/// Uploads of different users at once ([`super::claim_batch`]), with pairwise distinct users:
+/// Uploads of different users at once ([`super::batch`]), with pairwise distinct users:
 /// $1 users, $2 fingerprints, $3 their times, $4 now keys, $12 floors and $13..$17 the
 /// last-resort columns, each an array holding upload i at index i; $7..$11 (digests, bytes,
 /// suites, `not_after` keys, refs) the regular packages of all uploads one after another,
@@ -125,7 +125,7 @@ SELECT outcome, wait_us, expired_removed, kp_data AS data, kp_fingerprint AS fin
        kp_not_after AS not_after, kp_ref AS key_package_ref
 FROM kps_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
-/// Claims of different users at once ([`super::claim_batch`]): $1..$12 as for [`CONSUME`], each an
+/// Claims of different users at once ([`super::batch`]): $1..$12 as for [`CONSUME`], each an
 /// array holding claim i at index i (the suites as `'{...}'` literals), with pairwise distinct
 /// targets and callers. One row per claim: its index in `claim`, then the columns of
 /// [`CONSUME`].
@@ -244,7 +244,7 @@ const MAX_UPLOAD_BATCH: usize = 16;
 pub struct PgStore {
     /// The request connections.
     db: Arc<Connections>,
-    /// Claims, run alone or in batches ([`super::claim_batch`]).
+    /// Claims, run alone or in batches ([`super::batch`]).
     claims: Arc<Batcher<Claims>>,
     /// Uploads, run alone or in batches, as claims are.
     uploads: Arc<Batcher<Uploads>>,
@@ -736,7 +736,7 @@ impl PgStore {
     }
 
     /// Batches of two claims or more run so far, and the claims they held (see
-    /// [`super::claim_batch`]).
+    /// [`super::batch`]).
     pub fn claim_batches(&self) -> (u64, u64) {
         self.claims.batches()
     }

@@ -8,7 +8,7 @@ mod harness;
 mod attack;
 mod auth;
 mod backfill;
-mod claim_batch;
+mod batches;
 mod claims;
 mod cold_start;
 mod consume;

@@ -1,6 +1,6 @@
-//! Group commit of claims on Postgres (`store::claim_batch`): a batch hands out exactly what
-//! its claims would one by one, claims queue only while every claim slot is busy, and a batch
-//! the database refuses is run again claim by claim.
+//! Group commit of claims and uploads on Postgres (`store::batch`): a batch hands out (or
+//! stores) exactly what its claims (or uploads) would one by one, they queue only while every
+//! slot of their kind is busy, and a batch the database refuses is run again one by one.
 
 use std::{sync::Arc, time::Duration};
 
