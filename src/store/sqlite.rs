@@ -244,13 +244,18 @@ pub(crate) async fn checkpoint(conn: &mut SqliteConnection) -> Result<(), sqlx::
     let passive = conn.fetch_one("PRAGMA wal_checkpoint(PASSIVE)").await?;
     let frames: i64 = passive.try_get(1)?;
     if frames >= WAL_RESTART_FRAMES {
+        let started = std::time::Instant::now();
         let truncated = conn.fetch_one("PRAGMA wal_checkpoint(TRUNCATE)").await?;
         let busy: i64 = truncated.try_get(0)?;
+        let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if busy != 0 {
             tracing::debug!(
                 frames,
+                took_ms,
                 "write-ahead log busy, truncating it at a later checkpoint"
             );
+        } else {
+            tracing::debug!(frames, took_ms, "write-ahead log truncated");
         }
     }
     Ok(())
@@ -387,7 +392,10 @@ impl SqliteStore {
             .map_err(ConnectError::Open)?;
         let (stop_checkpoints, stopped) = tokio::sync::oneshot::channel();
         if !in_memory {
-            let conn = SqliteConnection::connect_with(&base)
+            // sqlx would log every truncating checkpoint of a large file as a WARN "slow
+            // statement"; `checkpoint` logs what it did itself.
+            let quiet = sqlx::ConnectOptions::disable_statement_logging(base.clone());
+            let conn = SqliteConnection::connect_with(&quiet)
                 .await
                 .map_err(ConnectError::Open)?;
             tokio::spawn(checkpoint_wal(conn, stopped));
