@@ -349,6 +349,47 @@ impl Connections {
     {
         sqlx::query_as(sql).persistent(self.persistent())
     }
+
+    /// Runs a batch statement (built with [`Connections::query`]) and returns its rows. No
+    /// connection, or no transaction on it, fails the batch outright: the database is
+    /// unavailable for every job alike, so running them one by one would only wait again,
+    /// once per job. A statement the database refused rolled back whole.
+    async fn batch_rows(
+        &self,
+        statement: Query<'_, Postgres, PgArguments>,
+    ) -> Result<Vec<PgRow>, BatchError> {
+        let mut lease = self.lease().await.map_err(BatchError::Failed)?;
+        let mut session = self.session(&mut lease).await.map_err(BatchError::Failed)?;
+        let rows = statement
+            .fetch_all(session.conn())
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(_) => BatchError::Refused(e.into()),
+                e => BatchError::Failed(e.into()),
+            })?;
+        session.finish().await.map_err(BatchError::Failed)?;
+        lease.release();
+        Ok(rows)
+    }
+}
+
+/// The entry for a batch row's 1-based job number `index` (as the batch functions number
+/// their jobs), or a failure naming `function` when the number is out of range.
+fn job_slot<'a, T>(
+    slots: &'a mut [T],
+    index: i32,
+    function: &str,
+) -> Result<&'a mut T, BatchError> {
+    let jobs = slots.len();
+    usize::try_from(index)
+        .ok()
+        .and_then(|i| i.checked_sub(1))
+        .and_then(|i| slots.get_mut(i))
+        .ok_or_else(|| {
+            BatchError::Failed(StoreError::Database(sqlx::Error::Protocol(format!(
+                "{function} returned job {index} of {jobs}"
+            ))))
+        })
 }
 
 #[async_trait]
@@ -392,15 +433,7 @@ impl Runner for Claims {
                 format!("{{{}}}", listed.join(","))
             })
         });
-        // No connection, or no transaction on it: the database is unavailable for every claim
-        // alike, so running them one by one would only wait again, once per claim.
-        let mut lease = self.0.lease().await.map_err(BatchError::Failed)?;
-        let mut session = self
-            .0
-            .session(&mut lease)
-            .await
-            .map_err(BatchError::Failed)?;
-        let rows = self
+        let statement = self
             .0
             .query(CONSUME_BATCH)
             .bind(column(claims, |c| c.target.clone()))
@@ -414,16 +447,8 @@ impl Runner for Claims {
             .bind(column(claims, |c| c.caller_interval_us))
             .bind(column(claims, |c| c.caller_window_us))
             .bind(column(claims, |c| c.pair_interval_us))
-            .bind(column(claims, |c| c.pair_window_us))
-            .fetch_all(session.conn())
-            .await
-            .map_err(|e| match e {
-                // The database refused the statement: it rolled back whole.
-                sqlx::Error::Database(_) => BatchError::Refused(e.into()),
-                e => BatchError::Failed(e.into()),
-            })?;
-        session.finish().await.map_err(BatchError::Failed)?;
-        lease.release();
+            .bind(column(claims, |c| c.pair_window_us));
+        let rows = self.0.batch_rows(statement).await?;
         let unknown = |message: String| {
             BatchError::Failed(StoreError::Database(sqlx::Error::Protocol(message)))
         };
@@ -434,17 +459,7 @@ impl Runner for Claims {
                 .try_get("claim")
                 .map_err(|e| BatchError::Failed(e.into()))?;
             let row = ConsumeRow::from_row(row).map_err(|e| BatchError::Failed(e.into()))?;
-            let slot = usize::try_from(claim)
-                .ok()
-                .and_then(|i| i.checked_sub(1))
-                .and_then(|i| ordered.get_mut(i))
-                .ok_or_else(|| {
-                    unknown(format!(
-                        "kps_claim_batch returned claim {claim} of {}",
-                        claims.len()
-                    ))
-                })?;
-            *slot = Some(row);
+            *job_slot(&mut ordered, claim, "kps_claim_batch")? = Some(row);
         }
         ordered
             .into_iter()
@@ -581,14 +596,7 @@ impl Runner for Uploads {
 
     async fn many(&self, uploads: &[&UploadArgs]) -> Result<Vec<Vec<UploadRow>>, BatchError> {
         let c = UploadColumns::of(uploads);
-        // As for claims: without a connection every upload fails alike.
-        let mut lease = self.0.lease().await.map_err(BatchError::Failed)?;
-        let mut session = self
-            .0
-            .session(&mut lease)
-            .await
-            .map_err(BatchError::Failed)?;
-        let rows = self
+        let statement = self
             .0
             .query(UPLOAD_BATCH)
             .bind(c.users)
@@ -608,31 +616,15 @@ impl Runner for Uploads {
             .bind(c.lr_suites)
             .bind(c.lr_not_after)
             .bind(c.lr_refs)
-            .bind(MAX_REGULAR_PACKAGES as i32)
-            .fetch_all(session.conn())
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Database(_) => BatchError::Refused(e.into()),
-                e => BatchError::Failed(e.into()),
-            })?;
-        session.finish().await.map_err(BatchError::Failed)?;
-        lease.release();
+            .bind(MAX_REGULAR_PACKAGES as i32);
+        let rows = self.0.batch_rows(statement).await?;
         let mut grouped: Vec<Vec<UploadRow>> = uploads.iter().map(|_| Vec::new()).collect();
         for row in &rows {
             use sqlx::Row;
             let failed = |e: sqlx::Error| BatchError::Failed(e.into());
             let index: i32 = row.try_get("upload").map_err(failed)?;
-            let rows_of = usize::try_from(index)
-                .ok()
-                .and_then(|i| i.checked_sub(1))
-                .and_then(|i| grouped.get_mut(i))
-                .ok_or_else(|| {
-                    failed(sqlx::Error::Protocol(format!(
-                        "kps_upload_batch returned upload {index} of {}",
-                        uploads.len()
-                    )))
-                })?;
-            rows_of.push(UploadRow::from_row(row).map_err(failed)?);
+            let upload_row = UploadRow::from_row(row).map_err(failed)?;
+            job_slot(&mut grouped, index, "kps_upload_batch")?.push(upload_row);
         }
         if grouped.iter().any(Vec::is_empty) {
             return Err(BatchError::Failed(StoreError::Database(

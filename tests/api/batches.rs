@@ -204,32 +204,29 @@ fn spawn_claims(
         .collect()
 }
 
-/// Locks `user`'s row in a transaction of its own, so that claims of `user` wait for it.
-async fn lock_user(db: &TestDb, user: &str) -> sqlx::PgConnection {
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    sqlx::query("BEGIN")
-        .execute(&mut conn)
-        .await
-        .expect("begin");
-    sqlx::query("SELECT 1 FROM users WHERE user_id = $1 FOR UPDATE")
-        .bind(user)
-        .fetch_one(&mut conn)
-        .await
-        .expect("lock the user row");
-    conn
-}
-
 /// Waits until `n` claims wait for a slot.
 async fn wait_for_queue(store: &PgStore, n: usize) {
+    wait_for_waiting(n, "claims", || store.claims_waiting()).await;
+}
+
+/// Polls (bounded) until `waiting()` jobs (`what`) are queued, `n` or more.
+async fn wait_for_waiting(n: usize, what: &str, waiting: impl Fn() -> usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while store.claims_waiting() < n {
+    while waiting() < n {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{} claims queued, expected {n}",
-            store.claims_waiting()
+            "{} {what} queued, expected {n}",
+            waiting()
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Polls (bounded) until a session of `db` waits for a lock.
+async fn wait_for_lock_waiter(db: &TestDb) {
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let name = crate::pg_admin::db_name(db);
+    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
 }
 
 async fn package_of(task: tokio::task::JoinHandle<Result<ConsumeOutcome, StoreError>>) -> String {
@@ -259,11 +256,9 @@ async fn claims_queued_behind_a_busy_slot_run_as_one_batch() {
             .await
             .expect("upload");
     }
-    let mut lock = lock_user(&db, "bob").await;
+    let mut lock = crate::pg_admin::lock_user_row(&db.url, "bob").await;
     let blocked = spawn_claims(&store, &["bob".to_owned()], "c0-");
-    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    let name = crate::pg_admin::db_name(&db);
-    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
+    wait_for_lock_waiter(&db).await;
 
     let mut queued: Vec<String> = cold.clone();
     queued.extend(std::iter::repeat_n("hot".to_owned(), 5));
@@ -307,12 +302,10 @@ async fn a_refused_batch_runs_again_claim_by_claim() {
             .await
             .expect("upload");
     }
-    let mut bob = lock_user(&db, "bob").await;
-    let stuck = lock_user(&db, "u3").await;
+    let mut bob = crate::pg_admin::lock_user_row(&db.url, "bob").await;
+    let stuck = crate::pg_admin::lock_user_row(&db.url, "u3").await;
     let blocked = spawn_claims(&store, &["bob".to_owned()], "c2-");
-    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    let name = crate::pg_admin::db_name(&db);
-    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
+    wait_for_lock_waiter(&db).await;
     let tasks = spawn_claims(&store, &names, "c3-");
     wait_for_queue(&store, names.len()).await;
     sqlx::query("COMMIT")
@@ -354,11 +347,9 @@ async fn a_locked_target_holds_one_claim_slot_at_most() {
             .await
             .expect("upload");
     }
-    let mut lock = lock_user(&db, "bob").await;
+    let mut lock = crate::pg_admin::lock_user_row(&db.url, "bob").await;
     let first = spawn_claims(&store, &["bob".to_owned()], "c4-");
-    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    let name = crate::pg_admin::db_name(&db);
-    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
+    wait_for_lock_waiter(&db).await;
     let more = spawn_claims(&store, &["bob".to_owned(), "bob".to_owned()], "c5-");
     wait_for_queue(&store, 2).await;
 
@@ -497,31 +488,16 @@ async fn uploads_queued_behind_a_busy_slot_run_as_one_batch() {
                 .await
         })
     };
-    let mut lock = lock_user(&db, "bob").await;
+    let mut lock = crate::pg_admin::lock_user_row(&db.url, "bob").await;
     let blocked = upload("bob".to_owned(), "bob-a".to_owned());
-    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    let name = crate::pg_admin::db_name(&db);
-    crate::pg_admin::wait_for_lock_waiters(&mut admin, &name, 1).await;
+    wait_for_lock_waiter(&db).await;
 
     let others: Vec<_> = (0..10)
         .map(|i| upload(format!("w{i}"), format!("w{i}")))
         .collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while store.uploads_waiting() < 10 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "uploads did not queue"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for_waiting(10, "uploads", || store.uploads_waiting()).await;
     let second = upload("bob".to_owned(), "bob-b".to_owned());
-    while store.uploads_waiting() < 11 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "bob's second did not queue"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for_waiting(11, "uploads", || store.uploads_waiting()).await;
     assert_eq!(store.upload_batches(), (0, 0));
     sqlx::query("COMMIT")
         .execute(&mut lock)
