@@ -4,12 +4,18 @@
 //! holds for uploads alike (an upload owns its user's row where a claim owns its target's and
 //! its caller's).
 //!
-//! At most `slots` claim statements run at once. A claim that finds a slot free (and no
-//! running claim of its target or caller) runs alone at once, so a lone claim never waits for
-//! company; any other queues. Each slot, as it frees, takes the queue's oldest claims with
-//! pairwise distinct targets and callers, none shared with a claim still running (up to
-//! `max_batch`), and runs them as one batch in a task of its own, which a caller hanging up
-//! cannot cancel. Claims of one batch share no row, so the batch hands out exactly what they
+//! At most `slots` claim statements run at once. A claim that finds none running (and the
+//! queue empty) runs alone at once, so a lone claim never waits for company; any other queues.
+//! As a statement ends, its slot takes the queue's oldest claims with pairwise distinct targets
+//! and callers, none shared with a claim still running (up to `max_batch`), and runs them as
+//! one batch in a task of its own, which a caller hanging up cannot cancel.
+//!
+//! One statement at a time makes the largest batches, and the fewest commits per claim, as
+//! long as it keeps up; a further slot opens only when it does not: when a batch's worth of
+//! claims (`max_batch / 2`) waits, or when every running statement has run for [`STALL`] (a
+//! claim that waits that long checks), so a target whose rows a stuck transaction holds stalls
+//! one slot, not every claim. A slot whose statement ends while another runs closes again
+//! unless one of those holds. Claims of one batch share no row, so the batch hands out exactly what they
 //! would one after the other; a claim whose target or caller is taken waits for a later batch,
 //! in its place in the queue (FIFO per target holds), and a target whose rows are locked holds
 //! one slot at most while the other claims go on.
@@ -25,6 +31,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -116,9 +123,15 @@ struct Waiter<J, T> {
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
 
+/// A claim that has waited this long while every running statement has run at least as long
+/// opens another slot (if any is left).
+pub(super) const STALL: Duration = Duration::from_millis(5);
+
 struct Queue<J, T> {
     /// Claim statements running (alone or as batches), at most `slots`.
     running: usize,
+    /// When each running statement started, one entry per running statement.
+    started: Vec<Instant>,
     /// The [`RowKeys`] of every claim running: a claim sharing a target or caller with one of
     /// them waits, so one target whose rows are locked (an upload in flight, a stuck
     /// transaction) holds one slot at most, never all of them.
@@ -148,6 +161,34 @@ impl<J: Job, T> Queue<J, T> {
             }
         }
     }
+
+    /// Whether another statement may start now, of at most `slots`: none runs, or the running
+    /// ones do not keep up (`widen_at` claims wait, or every one has run for [`STALL`]).
+    fn may_start(&self, slots: usize, widen_at: usize, now: Instant) -> bool {
+        self.running == 0
+            || (self.running < slots
+                && (self.waiting.len() >= widen_at
+                    || self
+                        .started
+                        .iter()
+                        .all(|s| now.saturating_duration_since(*s) >= STALL)))
+    }
+
+    /// Counts a statement of `claims` as running from `now`; returns their row keys.
+    fn start(&mut self, claims: &[&J], now: Instant) -> (Vec<u64>, Instant) {
+        self.running += 1;
+        self.started.push(now);
+        (self.mark_busy(claims), now)
+    }
+
+    /// A statement (its row keys, its start) has ended.
+    fn end(&mut self, keys: &[u64], started: Instant) {
+        self.mark_done(keys);
+        if let Some(i) = self.started.iter().position(|s| *s == started) {
+            self.started.swap_remove(i);
+        }
+        self.running -= 1;
+    }
 }
 
 /// Claims run alone while slots are free, and in batches once they queue.
@@ -155,6 +196,8 @@ pub(super) struct Batcher<R: Runner> {
     runner: R,
     slots: usize,
     max_batch: usize,
+    /// Claims waiting that open another slot.
+    widen_at: usize,
     queue: Mutex<Queue<R::Job, R::Row>>,
     batches: AtomicU64,
     batched: AtomicU64,
@@ -167,8 +210,10 @@ impl<R: Runner> Batcher<R> {
             runner,
             slots: slots.max(1),
             max_batch: max_batch.max(1),
+            widen_at: (max_batch / 2).max(1),
             queue: Mutex::new(Queue {
                 running: 0,
+                started: Vec::new(),
                 busy: Vec::new(),
                 waiting: VecDeque::new(),
             }),
@@ -214,49 +259,77 @@ impl<R: Runner> Batcher<R> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `claim`: at once if a slot is free, else in a batch once one frees.
+    /// Runs `claim`: at once if nothing runs, else in a batch once a slot takes it.
     pub(super) async fn submit(self: &Arc<Self>, claim: R::Job) -> Result<R::Row, StoreError> {
-        let queued = {
+        let now = Instant::now();
+        let (alone, mut outcome, batch) = {
             let mut queue = self.lock();
-            if queue.running < self.slots && !queue.is_busy(&claim) {
-                queue.running += 1;
-                let keys = queue.mark_busy(&[&claim]);
-                Ok((claim, keys))
+            if queue.running == 0 && queue.waiting.is_empty() {
+                let slot = queue.start(&[&claim], now);
+                (Some((claim, slot)), None, None)
             } else {
                 let (reply, outcome) = oneshot::channel();
                 queue.waiting.push_back(Waiter { job: claim, reply });
-                Err(outcome)
+                (None, Some(outcome), self.widen(&mut queue, now))
             }
         };
-        match queued {
-            Ok((claim, keys)) => {
-                let _slot = Slot(self.clone(), keys);
-                self.runner.one(&claim).await
+        if let Some((claim, (keys, started))) = alone {
+            let _slot = Slot(self.clone(), keys, started);
+            return self.runner.one(&claim).await;
+        }
+        if let Some(batch) = batch {
+            self.spawn(batch);
+        }
+        let outcome = outcome.as_mut().expect("queued");
+        loop {
+            match tokio::time::timeout(STALL, &mut *outcome).await {
+                Ok(answer) => return answer.unwrap_or_else(|_| Err(lost(R::KIND))),
+                // Every running statement may be stuck: open another slot if none has ended
+                // meanwhile.
+                Err(_) => {
+                    let batch = self.widen(&mut self.lock(), Instant::now());
+                    if let Some(batch) = batch {
+                        self.spawn(batch);
+                    }
+                }
             }
-            Err(outcome) => outcome.await.unwrap_or_else(|_| Err(lost(R::KIND))),
         }
     }
 
-    /// A slot's claims (`done`, their row keys) have ended: gives the slot to the next batch,
-    /// or marks it free when nothing it may run waits.
-    fn hand_on(self: &Arc<Self>, done: &[u64]) {
-        let (batch, keys) = {
+    /// A batch for another slot, if one may start now and the queue holds claims it may run.
+    fn widen(&self, queue: &mut Queue<R::Job, R::Row>, now: Instant) -> Option<Started<R>> {
+        if !queue.may_start(self.slots, self.widen_at, now) {
+            return None;
+        }
+        let batch = take_batch(queue, self.max_batch);
+        if batch.is_empty() {
+            return None;
+        }
+        let claims: Vec<&R::Job> = batch.iter().map(|w| &w.job).collect();
+        let (keys, started) = queue.start(&claims, now);
+        Some((batch, keys, started))
+    }
+
+    /// A statement (its row keys, its start) has ended: its slot takes the next batch, or
+    /// closes when nothing it may run waits or the other slots keep up.
+    fn hand_on(self: &Arc<Self>, done: &[u64], started: Instant) {
+        let batch = {
             let mut queue = self.lock();
-            queue.mark_done(done);
-            let batch = take_batch(&mut queue, self.max_batch);
-            if batch.is_empty() {
-                queue.running -= 1;
-                return;
-            }
-            let claims: Vec<&R::Job> = batch.iter().map(|w| &w.job).collect();
-            let keys = queue.mark_busy(&claims);
-            (batch, keys)
+            queue.end(done, started);
+            self.widen(&mut queue, Instant::now())
         };
+        if let Some(batch) = batch {
+            self.spawn(batch);
+        }
+    }
+
+    /// Runs a started batch in a task of its own.
+    fn spawn(self: &Arc<Self>, (batch, keys, started): Started<R>) {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let this = self.clone();
                 runtime.spawn(async move {
-                    let _slot = Slot(this.clone(), keys);
+                    let _slot = Slot(this.clone(), keys, started);
                     this.run(batch).await;
                 });
             }
@@ -265,9 +338,7 @@ impl<R: Runner> Batcher<R> {
                 for waiter in batch {
                     let _ = waiter.reply.send(Err(lost(R::KIND)));
                 }
-                let mut queue = self.lock();
-                queue.mark_done(&keys);
-                queue.running -= 1;
+                self.lock().end(&keys, started);
             }
         }
     }
@@ -314,13 +385,20 @@ impl<R: Runner> Batcher<R> {
     }
 }
 
-/// Holds a slot for claims of these row keys; dropping it (the claims answered, cancelled or
-/// panicked) hands the slot on.
-struct Slot<R: Runner>(Arc<Batcher<R>>, Vec<u64>);
+/// A batch that counts as running: its waiters, their row keys, its start.
+type Started<R> = (
+    Vec<Waiter<<R as Runner>::Job, <R as Runner>::Row>>,
+    Vec<u64>,
+    Instant,
+);
+
+/// Holds a slot for claims of these row keys, since a start; dropping it (the claims answered,
+/// cancelled or panicked) hands the slot on.
+struct Slot<R: Runner>(Arc<Batcher<R>>, Vec<u64>, Instant);
 
 impl<R: Runner> Drop for Slot<R> {
     fn drop(&mut self) {
-        self.0.hand_on(&self.1);
+        self.0.hand_on(&self.1, self.2);
     }
 }
 
@@ -391,6 +469,7 @@ mod tests {
         }
         let queue = Queue {
             running: 0,
+            started: Vec::new(),
             busy: Vec::new(),
             waiting,
         };
@@ -439,6 +518,38 @@ mod tests {
         queue.mark_done(&keys);
         assert!(queue.busy.is_empty());
         assert_eq!(targets(&take_batch(&mut queue, 10)), ["a", "b"]);
+    }
+
+    #[test]
+    fn another_slot_opens_only_while_the_running_statements_do_not_keep_up() {
+        let (mut queue, _outcomes) = queue(&[("a", None), ("b", None), ("c", None)]);
+        let t0 = Instant::now();
+        let soon = t0 + STALL / 2;
+        assert!(queue.may_start(2, 4, soon), "nothing runs: one starts");
+        let (z, _) = queue.start(&[&claim("z", None)], t0);
+        assert!(!queue.may_start(2, 4, soon), "one runs and keeps up");
+        assert!(
+            queue.may_start(2, 4, t0 + STALL),
+            "the running one has run for STALL"
+        );
+        assert!(
+            queue.may_start(2, 3, soon),
+            "a batch's worth of claims waits"
+        );
+        queue.start(&[&claim("y", None)], soon);
+        assert!(!queue.may_start(2, 1, t0 + STALL * 9), "every slot runs");
+        assert!(
+            !queue.may_start(3, 4, t0 + STALL),
+            "the second has run for less than STALL"
+        );
+        assert!(
+            queue.may_start(3, 4, soon + STALL),
+            "both have run for STALL"
+        );
+        queue.end(&z, t0);
+        assert_eq!((queue.running, queue.started.as_slice()), (1, &[soon][..]));
+        assert_eq!(queue.busy, [row_key(0, "y")], "z's row is free again");
+        assert!(!queue.may_start(2, 4, t0 + STALL), "what is left keeps up");
     }
 
     #[test]

@@ -229,9 +229,10 @@ const PGBOUNCER_MIGRATION_LOCK: i64 = 0x6b70_735f_6d69_6772;
 /// once (at least one of each); claims and uploads beyond wait and then run in batches. An
 /// eighth (2 of each with the default 16) leaves connections for reads and makes batches form
 /// as soon as a few statements run at once, where the database's commits become the
-/// bottleneck; for claims it measured best of 2, 4 and 8 slots (BENCHMARKS). A claim never
-/// waits behind another of its target or caller, nor an upload behind another of its user, so
-/// one locked user holds one slot of each at most.
+/// bottleneck; for claims it measured best of 2, 4 and 8 slots (BENCHMARKS). The second slot
+/// of each opens only while the first does not keep up (see `batch`). A claim never waits
+/// behind another of its target or caller, nor an upload behind another of its user, so one
+/// locked user holds one slot of each at most.
 const CLAIM_SLOTS_PER_CONNECTION: u32 = 8;
 
 /// The most claims one batch holds.

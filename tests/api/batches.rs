@@ -335,7 +335,8 @@ async fn a_refused_batch_runs_again_claim_by_claim() {
 
 /// With two claim slots (16 connections), claims of a target whose row a stuck transaction
 /// holds take one slot at most: the first waits for the lock, the others queue behind it, and
-/// claims of other targets go on in the other slot meanwhile.
+/// claims of other targets go on in the other slot meanwhile, which opens once the stuck
+/// statement has run for the batcher's stall time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_target_holds_one_claim_slot_at_most() {
     let Some(db) = postgres_only!() else { return };
