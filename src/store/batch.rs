@@ -11,12 +11,14 @@
 //! one batch in a task of its own, which a caller hanging up cannot cancel.
 //!
 //! One statement at a time makes the largest batches, and the fewest commits per claim, as
-//! long as it keeps up; a further slot opens only when it does not: when a batch's worth of
+//! long as it keeps up; a further slot opens only when it does not: when half a batch of
 //! claims (`max_batch / 2`) waits, or when every running statement has run for [`STALL`] (a
 //! claim that waits that long checks), so a target whose rows a stuck transaction holds stalls
 //! one slot, not every claim. A slot whose statement ends while another runs closes again
-//! unless one of those holds. Claims of one batch share no row, so the batch hands out exactly what they
-//! would one after the other; a claim whose target or caller is taken waits for a later batch,
+//! unless one of those holds.
+//!
+//! Claims of one batch share no row, so the batch hands out exactly what they would one after
+//! the other; a claim whose target or caller is taken waits for a later batch,
 //! in its place in the queue (FIFO per target holds), and a target whose rows are locked holds
 //! one slot at most while the other claims go on.
 //!
@@ -125,12 +127,10 @@ struct Waiter<J, T> {
 
 /// A claim that has waited this long while every running statement has run at least as long
 /// opens another slot (if any is left).
-pub(super) const STALL: Duration = Duration::from_millis(5);
+const STALL: Duration = Duration::from_millis(5);
 
 struct Queue<J, T> {
-    /// Claim statements running (alone or as batches), at most `slots`.
-    running: usize,
-    /// When each running statement started, one entry per running statement.
+    /// When each claim statement running (alone or as a batch) started: at most `slots`.
     started: Vec<Instant>,
     /// The [`RowKeys`] of every claim running: a claim sharing a target or caller with one of
     /// them waits, so one target whose rows are locked (an upload in flight, a stuck
@@ -165,8 +165,8 @@ impl<J: Job, T> Queue<J, T> {
     /// Whether another statement may start now, of at most `slots`: none runs, or the running
     /// ones do not keep up (`widen_at` claims wait, or every one has run for [`STALL`]).
     fn may_start(&self, slots: usize, widen_at: usize, now: Instant) -> bool {
-        self.running == 0
-            || (self.running < slots
+        self.started.is_empty()
+            || (self.started.len() < slots
                 && (self.waiting.len() >= widen_at
                     || self
                         .started
@@ -175,10 +175,9 @@ impl<J: Job, T> Queue<J, T> {
     }
 
     /// Counts a statement of `claims` as running from `now`; returns their row keys.
-    fn start(&mut self, claims: &[&J], now: Instant) -> (Vec<u64>, Instant) {
-        self.running += 1;
+    fn start(&mut self, claims: &[&J], now: Instant) -> Vec<u64> {
         self.started.push(now);
-        (self.mark_busy(claims), now)
+        self.mark_busy(claims)
     }
 
     /// A statement (its row keys, its start) has ended.
@@ -187,7 +186,6 @@ impl<J: Job, T> Queue<J, T> {
         if let Some(i) = self.started.iter().position(|s| *s == started) {
             self.started.swap_remove(i);
         }
-        self.running -= 1;
     }
 }
 
@@ -212,7 +210,6 @@ impl<R: Runner> Batcher<R> {
             max_batch: max_batch.max(1),
             widen_at: (max_batch / 2).max(1),
             queue: Mutex::new(Queue {
-                running: 0,
                 started: Vec::new(),
                 busy: Vec::new(),
                 waiting: VecDeque::new(),
@@ -262,35 +259,35 @@ impl<R: Runner> Batcher<R> {
     /// Runs `claim`: at once if nothing runs, else in a batch once a slot takes it.
     pub(super) async fn submit(self: &Arc<Self>, claim: R::Job) -> Result<R::Row, StoreError> {
         let now = Instant::now();
-        let (alone, mut outcome, batch) = {
+        let queued = {
             let mut queue = self.lock();
-            if queue.running == 0 && queue.waiting.is_empty() {
-                let slot = queue.start(&[&claim], now);
-                (Some((claim, slot)), None, None)
+            if queue.started.is_empty() && queue.waiting.is_empty() {
+                let keys = queue.start(&[&claim], now);
+                Ok((claim, keys))
             } else {
                 let (reply, outcome) = oneshot::channel();
                 queue.waiting.push_back(Waiter { job: claim, reply });
-                (None, Some(outcome), self.widen(&mut queue, now))
+                Err((outcome, self.widen(&mut queue, now)))
             }
         };
-        if let Some((claim, (keys, started))) = alone {
-            let _slot = Slot(self.clone(), keys, started);
-            return self.runner.one(&claim).await;
-        }
-        if let Some(batch) = batch {
-            self.spawn(batch);
-        }
-        let outcome = outcome.as_mut().expect("queued");
+        let mut outcome = match queued {
+            Ok((claim, keys)) => {
+                let _slot = Slot(self.clone(), keys, now);
+                return self.runner.one(&claim).await;
+            }
+            Err((outcome, batch)) => {
+                self.spawn(batch);
+                outcome
+            }
+        };
         loop {
-            match tokio::time::timeout(STALL, &mut *outcome).await {
+            match tokio::time::timeout(STALL, &mut outcome).await {
                 Ok(answer) => return answer.unwrap_or_else(|_| Err(lost(R::KIND))),
                 // Every running statement may be stuck: open another slot if none has ended
                 // meanwhile.
                 Err(_) => {
                     let batch = self.widen(&mut self.lock(), Instant::now());
-                    if let Some(batch) = batch {
-                        self.spawn(batch);
-                    }
+                    self.spawn(batch);
                 }
             }
         }
@@ -306,8 +303,8 @@ impl<R: Runner> Batcher<R> {
             return None;
         }
         let claims: Vec<&R::Job> = batch.iter().map(|w| &w.job).collect();
-        let (keys, started) = queue.start(&claims, now);
-        Some((batch, keys, started))
+        let keys = queue.start(&claims, now);
+        Some((batch, keys, now))
     }
 
     /// A statement (its row keys, its start) has ended: its slot takes the next batch, or
@@ -318,13 +315,14 @@ impl<R: Runner> Batcher<R> {
             queue.end(done, started);
             self.widen(&mut queue, Instant::now())
         };
-        if let Some(batch) = batch {
-            self.spawn(batch);
-        }
+        self.spawn(batch);
     }
 
-    /// Runs a started batch in a task of its own.
-    fn spawn(self: &Arc<Self>, (batch, keys, started): Started<R>) {
+    /// Runs a started batch, if any, in a task of its own; call it without the queue's lock.
+    fn spawn(self: &Arc<Self>, batch: Option<Started<R>>) {
+        let Some((batch, keys, started)) = batch else {
+            return;
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let this = self.clone();
@@ -468,7 +466,6 @@ mod tests {
             outcomes.push(outcome);
         }
         let queue = Queue {
-            running: 0,
             started: Vec::new(),
             busy: Vec::new(),
             waiting,
@@ -526,7 +523,7 @@ mod tests {
         let t0 = Instant::now();
         let soon = t0 + STALL / 2;
         assert!(queue.may_start(2, 4, soon), "nothing runs: one starts");
-        let (z, _) = queue.start(&[&claim("z", None)], t0);
+        let z = queue.start(&[&claim("z", None)], t0);
         assert!(!queue.may_start(2, 4, soon), "one runs and keeps up");
         assert!(
             queue.may_start(2, 4, t0 + STALL),
@@ -547,7 +544,7 @@ mod tests {
             "both have run for STALL"
         );
         queue.end(&z, t0);
-        assert_eq!((queue.running, queue.started.as_slice()), (1, &[soon][..]));
+        assert_eq!(queue.started, [soon]);
         assert_eq!(queue.busy, [row_key(0, "y")], "z's row is free again");
         assert!(!queue.may_start(2, 4, t0 + STALL), "what is left keeps up");
     }
