@@ -22,6 +22,8 @@
 #   CALLERS=100000  distinct callers of the pgbench ceiling
 #   PGBENCH_CONNS="4 8 16 64"   client counts of the pgbench ceiling (the best one is the ceiling)
 #   PG_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres   (a fresh database is created)
+#   PG_SHARED_BUFFERS=6GB   instead, a private Postgres instance (initdb in $OUT/pg, port
+#                           PG_PORT=15433, stock settings but this shared_buffers), removed at exit
 #   PORT=18087      RUST_LOG=info (the server's default; per-request log lines go to a file)
 #   SERVER=target/release/keypackage-server   the server binary (another build, to set beside)
 #   GROWTH_SIZES="10000 100000 1000000"   RSS_TARGETS=1000000 (0 skips the RSS run)
@@ -70,8 +72,40 @@ cleanup() {
   if [[ -n "$PG_DB" ]]; then
     psql -q "$PG_ADMIN_URL" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 || true
   fi
+  stop_private_pg
 }
 trap cleanup EXIT
+
+# Postgres refuses to run as root: the private instance then runs as the user postgres.
+as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+PG_PRIVATE=""
+# With PG_SHARED_BUFFERS set, a private instance of the newest Postgres installed, with that
+# shared_buffers and otherwise initdb's defaults; PG_ADMIN_URL points at it.
+start_private_pg() {
+  [[ -n "${PG_SHARED_BUFFERS:-}" ]] || return 0
+  local bin port=${PG_PORT:-15433}
+  bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+  [[ -x "$bin/initdb" ]] || { echo "PG_SHARED_BUFFERS needs Postgres' initdb (/usr/lib/postgresql/*/bin)" >&2; exit 1; }
+  PG_PRIVATE="$OUT/pg"
+  mkdir -p "$PG_PRIVATE"
+  [[ $(id -u) == 0 ]] && chown postgres "$PG_PRIVATE"
+  as_pg "$bin/initdb" -D "$PG_PRIVATE/data" -U postgres --auth=trust >"$OUT/pg-initdb.log" 2>&1
+  as_pg "$bin/pg_ctl" -D "$PG_PRIVATE/data" -l "$PG_PRIVATE/server.log" -w \
+    -o "-p $port -k $PG_PRIVATE -c listen_addresses=127.0.0.1 -c shared_buffers=$PG_SHARED_BUFFERS" \
+    start >/dev/null
+  PG_ADMIN_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  log "# private Postgres $("$bin/postgres" --version | awk '{print $3}') on port $port, shared_buffers=$PG_SHARED_BUFFERS"
+}
+
+stop_private_pg() {
+  [[ -n "$PG_PRIVATE" ]] || return 0
+  local bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+  as_pg "$bin/pg_ctl" -D "$PG_PRIVATE/data" -m fast -w stop >/dev/null 2>&1 || true
+  rm -rf "$PG_PRIVATE"
+  PG_PRIVATE=""
+}
 
 build() {
   if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
@@ -392,6 +426,7 @@ stages() { # backend
 
 build
 machine
+start_private_pg
 case "$MODE" in
   sqlite | postgres) scenarios "$MODE" ;;
   both) scenarios sqlite && scenarios postgres ;;

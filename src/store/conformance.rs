@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             budget_allows_a_burst_then_rate_limits_until_refilled,
             rate_limited_and_empty_requests_hand_out_nothing_but_charge_the_budget,
             budgets_are_per_target,
+            a_budget_spent_by_a_clock_that_ran_ahead_locks_the_target_one_interval_at_most,
             prune_budgets_removes_only_refilled_state,
             expired_regular_packages_are_skipped_and_removed_by_the_next_consume,
             each_package_is_removed_by_the_first_claim_after_it_expires,
@@ -695,6 +696,31 @@ async fn budgets_are_per_target(store: &dyn KeyPackageStore) {
     }
     assert!(is_rate_limited(
         &consume_with(store, "bob", budget, NOW_MS).await
+    ));
+}
+
+/// A burst spent at a time an hour ahead (a host whose clock ran ahead) leaves a stored tat
+/// far ahead of now; the next claim at the true time cuts it back to now + window, so the target
+/// waits one refill interval, not an hour.
+async fn a_budget_spent_by_a_clock_that_ran_ahead_locks_the_target_one_interval_at_most(
+    store: &dyn KeyPackageStore,
+) {
+    let budget = Budget::per_minute(10);
+    put(store, "bob", &upload(&[], Some("lr"), None)).await;
+    let ahead = NOW_MS + 3_600_000;
+    for _ in 0..10 {
+        take_last_resort_with(store, "bob", budget, ahead, "lr").await;
+    }
+    assert_eq!(
+        consume_with(store, "bob", budget, NOW_MS).await,
+        ConsumeOutcome::RateLimited {
+            retry_after: Duration::from_millis(6_000),
+            scope: crate::rate_limit::Scope::Target,
+        }
+    );
+    take_last_resort_with(store, "bob", budget, NOW_MS + 6_000, "lr").await;
+    assert!(is_rate_limited(
+        &consume_with(store, "bob", budget, NOW_MS + 6_000).await
     ));
 }
 
